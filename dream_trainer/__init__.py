@@ -1,0 +1,32 @@
+"""Dream Trainer: a PyTorch-native trainer from one device to many (DDP, FSDP2, TP, CP, PP)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+__version__ = "0.1.0"
+
+_logger = logging.getLogger("dream_trainer")
+if not _logger.handlers:
+    # Show the framework's INFO lines (layout, progress) unless the application configures logging.
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("[dream_trainer] %(message)s"))
+    _logger.addHandler(_handler)
+    _logger.setLevel(logging.INFO)
+    _logger.propagate = False
+
+# Public names resolved on first use, so `import dream_trainer.configs` stays light.
+_LAZY: dict[str, str] = {}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dream_trainer' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

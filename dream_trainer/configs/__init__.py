@@ -1,0 +1,25 @@
+"""Typed, validated configuration (pydantic v2). Unknown keys are errors; JSON round-trips exactly."""
+
+from dream_trainer.configs.base import ConfigModel, DType, parse_dtype
+from dream_trainer.configs.device import (
+    DEGREE_FIELDS,
+    PIPELINE_SCHEDULES,
+    CommParameters,
+    ContextParallelConfig,
+    DeviceParameters,
+    PipelineParallelConfig,
+)
+from dream_trainer.configs.training import TrainingParameters
+
+__all__ = [
+    "DEGREE_FIELDS",
+    "PIPELINE_SCHEDULES",
+    "CommParameters",
+    "ConfigModel",
+    "ContextParallelConfig",
+    "DType",
+    "DeviceParameters",
+    "PipelineParallelConfig",
+    "TrainingParameters",
+    "parse_dtype",
+]

@@ -1,0 +1,307 @@
+"""How a run is laid out on devices: parallel degrees, precision and communication options."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PositiveInt,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from dream_trainer.configs.base import ConfigModel, DType
+
+
+def _parse_degree(value: Any) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"a degree must be a positive integer or 'auto', got {value!r}")
+
+
+Degree = Annotated[
+    int | Literal["auto"],
+    BeforeValidator(_parse_degree),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]}),
+]
+"""A parallel degree: a positive int, or ``"auto"`` (whatever the world size leaves over)."""
+
+DEGREE_FIELDS = (
+    "pipeline_parallel",
+    "dp_replicate",
+    "dp_shard",
+    "context_parallel",
+    "tensor_parallel",
+)
+"""Degree fields in mesh order (outermost first): ``pp, dp_replicate, dp_shard, cp, tp``."""
+
+# torch.distributed.pipelining schedule names (matched case-insensitively, as torch does).
+PIPELINE_SCHEDULES = (
+    "GPipe",
+    "1F1B",
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+)
+
+# Forms used in the parallelism guide, mapped onto the canonical degree fields.
+_SIZE_ALIASES = {
+    "pipeline_parallel_size": "pipeline_parallel",
+    "tensor_parallel_size": "tensor_parallel",
+    "context_parallel_size": "context_parallel",
+}
+_SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+_FSDP_CONFIG_KEYS = ("sharding_strategy", "mixed_precision", "cpu_offload", "shard_size")
+
+
+class CommParameters(ConfigModel):
+    """Collective-communication timeouts and the flight recorder."""
+
+    init_timeout_seconds: float = Field(default=600.0, gt=0)
+    """Timeout for starting the process group and the first collectives (setup can be slow)."""
+    train_timeout_seconds: float = Field(default=300.0, gt=0)
+    """Timeout for collectives once training runs; a hung rank fails after this long."""
+    flight_recorder_buffer_size: int = Field(default=0, ge=0)
+    """Entries kept by NCCL's flight recorder for hang forensics; 0 turns it off."""
+
+
+class PipelineParallelConfig(ConfigModel):
+    """Pipeline schedule options (used when ``pipeline_parallel > 1``)."""
+
+    num_microbatches: PositiveInt | None = None
+    """Microbatches per batch; ``None`` means one per pipeline stage."""
+    schedule: str = "1F1B"
+    """A ``torch.distributed.pipelining`` schedule name, e.g. ``1F1B``, ``GPipe``, ``Interleaved1F1B``."""
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        by_lower = {name.lower(): name for name in PIPELINE_SCHEDULES}
+        if value.lower() not in by_lower:
+            raise ValueError(
+                f"unknown pipeline schedule {value!r}; use one of: {', '.join(PIPELINE_SCHEDULES)}"
+            )
+        return by_lower[value.lower()]
+
+
+class ContextParallelConfig(ConfigModel):
+    """Context-parallel attention options (used when ``context_parallel > 1``)."""
+
+    rotate_method: Literal["allgather", "alltoall"] = "allgather"
+    """How key/value shards travel between CP ranks."""
+    load_balance: bool = True
+    """Give each CP rank a head chunk and a tail chunk so causal attention work is even."""
+
+
+class DeviceParameters(ConfigModel):
+    """Parallel degrees and per-device options.
+
+    Degrees multiply to the world size; at most one may be ``"auto"`` and takes what is left
+    when the world starts. Building this object never reads the environment.
+    """
+
+    pipeline_parallel: Degree = 1
+    dp_replicate: Degree = 1
+    dp_shard: Degree = "auto"
+    context_parallel: Degree = 1
+    tensor_parallel: Degree = 1
+
+    param_dtype: DType | None = None
+    """Dtype of parameters in forward/backward (FSDP mixed precision); ``None`` keeps their dtype."""
+    reduce_dtype: DType | None = None
+    """Dtype of gradient reduction; ``None`` uses ``param_dtype``."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state on the CPU."""
+    reshard_after_forward: bool = True
+    """FSDP frees gathered parameters after forward (``False``: keep them until backward)."""
+    compile_model: bool = False
+    """Run the ``apply_compile`` hook (``torch.compile``)."""
+    checkpoint_activations: bool = False
+    """Run the ``apply_activation_checkpointing`` hook."""
+    loss_parallel: bool = False
+    """With tensor parallelism, compute the loss on vocab-sharded logits."""
+    async_tensor_parallel: bool = False
+    """Overlap TP communication with compute (needs ``compile_model`` and CUDA)."""
+
+    extra_keys_accepted = frozenset(["data_parallel_size", "fsdp_config", *_SIZE_ALIASES])
+
+    comm: CommParameters = Field(default_factory=CommParameters)
+    pipeline_parallel_config: PipelineParallelConfig = Field(default_factory=PipelineParallelConfig)
+    context_parallel_config: ContextParallelConfig = Field(default_factory=ContextParallelConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_guide_forms(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (
+            "data_parallel_size" in data
+            or "fsdp_config" in data
+            or any(alias in data for alias in _SIZE_ALIASES)
+        ):
+            return _translate_aliases(dict(data))
+        return data
+
+    @model_validator(mode="after")
+    def _at_most_one_auto(self) -> DeviceParameters:
+        autos = [name for name in DEGREE_FIELDS if getattr(self, name) == "auto"]
+        if len(autos) > 1:
+            raise ValueError(
+                f"at most one degree may be 'auto', got {len(autos)}: {', '.join(autos)}. "
+                "Give all but one of them a number."
+            )
+        return self
+
+    def degrees(self) -> dict[str, int | Literal["auto"]]:
+        """The five degrees by field name, in mesh order."""
+        return {name: getattr(self, name) for name in DEGREE_FIELDS}
+
+    # Presets. Each accepts any other field as a keyword.
+
+    @classmethod
+    def SINGLE_DEVICE(cls, **kwargs: Any) -> DeviceParameters:
+        """One process, no parallelism."""
+        return cls._preset({name: 1 for name in DEGREE_FIELDS}, kwargs)
+
+    @classmethod
+    def DDP(
+        cls,
+        compile_model: bool = False,
+        checkpoint_activations: bool = False,
+        cpu_offload: bool = False,
+        **kwargs: Any,
+    ) -> DeviceParameters:
+        """Replicate the model on every rank; gradients are all-reduced."""
+        defaults = {**{name: 1 for name in DEGREE_FIELDS}, "dp_replicate": "auto"}
+        options = dict(
+            compile_model=compile_model,
+            checkpoint_activations=checkpoint_activations,
+            cpu_offload=cpu_offload,
+        )
+        return cls._preset({**defaults, **options}, kwargs)
+
+    @classmethod
+    def FSDP(
+        cls,
+        tensor_parallel: int | Literal["auto"] = 1,
+        dp_shard: int | Literal["auto"] = "auto",
+        compile_model: bool = False,
+        cpu_offload: bool = False,
+        checkpoint_activations: bool = False,
+        **kwargs: Any,
+    ) -> DeviceParameters:
+        """Shard parameters, gradients and optimizer state over ``dp_shard`` ranks (FSDP2)."""
+        defaults: dict[str, Any] = {name: 1 for name in DEGREE_FIELDS}
+        options = dict(
+            tensor_parallel=tensor_parallel,
+            dp_shard=dp_shard,
+            compile_model=compile_model,
+            cpu_offload=cpu_offload,
+            checkpoint_activations=checkpoint_activations,
+        )
+        return cls._preset({**defaults, **options}, kwargs)
+
+    @classmethod
+    def HSDP(
+        cls,
+        dp_shard: int,
+        dp_replicate: int | Literal["auto"] = "auto",
+        tensor_parallel: int | Literal["auto"] = 1,
+        compile_model: bool = False,
+        cpu_offload: bool = False,
+        checkpoint_activations: bool = False,
+        **kwargs: Any,
+    ) -> DeviceParameters:
+        """Shard within groups of ``dp_shard`` ranks, replicate across groups."""
+        defaults: dict[str, Any] = {name: 1 for name in DEGREE_FIELDS}
+        options = dict(
+            dp_shard=dp_shard,
+            dp_replicate=dp_replicate,
+            tensor_parallel=tensor_parallel,
+            compile_model=compile_model,
+            cpu_offload=cpu_offload,
+            checkpoint_activations=checkpoint_activations,
+        )
+        return cls._preset({**defaults, **options}, kwargs)
+
+    @classmethod
+    def _preset(cls, defaults: dict[str, Any], kwargs: dict[str, Any]) -> DeviceParameters:
+        # A guide-form keyword (tensor_parallel_size=..., data_parallel_size=..., fsdp_config=...)
+        # replaces the preset's value for the degrees it sets instead of conflicting with it.
+        replaced = {_SIZE_ALIASES[key] for key in kwargs if key in _SIZE_ALIASES}
+        if "data_parallel_size" in kwargs or "fsdp_config" in kwargs:
+            replaced |= {"dp_replicate", "dp_shard"}
+        kept = {name: value for name, value in defaults.items() if name not in replaced}
+        return cls(**{**kept, **kwargs})
+
+
+def _translate_aliases(data: dict[str, Any]) -> dict[str, Any]:
+    """Map ``*_parallel_size``, ``data_parallel_size`` and ``fsdp_config`` onto canonical fields."""
+    for alias, field in _SIZE_ALIASES.items():
+        if alias in data:
+            _set_once(data, field, data.pop(alias), alias)
+
+    fsdp = data.pop("fsdp_config", None) or {}
+    if not isinstance(fsdp, dict):
+        raise ValueError(f"fsdp_config must be a dict, got {type(fsdp).__name__}")
+    unknown = sorted(set(fsdp) - set(_FSDP_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(
+            f"fsdp_config has unknown keys {unknown}; accepted keys: {', '.join(_FSDP_CONFIG_KEYS)}"
+        )
+    strategy = str(fsdp.get("sharding_strategy", "FULL_SHARD")).upper()
+    if strategy not in _SHARDING_STRATEGIES:
+        raise ValueError(
+            f"fsdp_config.sharding_strategy={fsdp['sharding_strategy']!r} is unknown; "
+            f"use one of: {', '.join(_SHARDING_STRATEGIES)}"
+        )
+    dp_size = data.pop("data_parallel_size", "auto")
+    if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        _set_once(data, "dp_shard", dp_size, "data_parallel_size")
+        _set_once(data, "dp_replicate", 1, "fsdp_config.sharding_strategy")
+        if strategy == "SHARD_GRAD_OP":
+            _set_once(data, "reshard_after_forward", False, "fsdp_config.sharding_strategy")
+    elif strategy == "NO_SHARD":
+        _set_once(data, "dp_replicate", dp_size, "data_parallel_size")
+        _set_once(data, "dp_shard", 1, "fsdp_config.sharding_strategy")
+    else:  # HYBRID_SHARD: shard inside a group (usually a node), replicate across groups.
+        shard_size = fsdp.get("shard_size")
+        if not isinstance(shard_size, int) or shard_size < 1:
+            raise ValueError(
+                "fsdp_config.sharding_strategy='HYBRID_SHARD' needs fsdp_config.shard_size, the "
+                "number of ranks that shard one replica (usually the GPUs per node), e.g. "
+                "fsdp_config={'sharding_strategy': 'HYBRID_SHARD', 'shard_size': 8}"
+            )
+        replicate: int | str = "auto"
+        if dp_size != "auto":
+            if not isinstance(dp_size, int) or dp_size % shard_size:
+                raise ValueError(
+                    f"data_parallel_size={dp_size} is not a multiple of "
+                    f"fsdp_config.shard_size={shard_size}; HYBRID_SHARD needs "
+                    "data_parallel_size = replicas x shard_size"
+                )
+            replicate = dp_size // shard_size
+        _set_once(data, "dp_shard", shard_size, "fsdp_config.shard_size")
+        _set_once(data, "dp_replicate", replicate, "data_parallel_size")
+    if fsdp.get("mixed_precision"):
+        _set_once(data, "param_dtype", "bfloat16", "fsdp_config.mixed_precision")
+        _set_once(data, "reduce_dtype", "float32", "fsdp_config.mixed_precision")
+    if "cpu_offload" in fsdp:
+        _set_once(data, "cpu_offload", bool(fsdp["cpu_offload"]), "fsdp_config.cpu_offload")
+    return data
+
+
+def _set_once(data: dict[str, Any], field: str, value: Any, source: str) -> None:
+    if field in data and data[field] != value:
+        raise ValueError(
+            f"{source} sets {field}={value!r}, but {field}={data[field]!r} was also given; "
+            "give only one of them"
+        )
+    data[field] = value

@@ -1,0 +1,302 @@
+"""The distributed world: process group, device and the one DeviceMesh every parallelism uses."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import warnings
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+from dream_trainer.configs import DeviceParameters
+from dream_trainer.world.environment import LaunchEnvironment
+from dream_trainer.world.layout import FLATTENED_DIMS, MESH_DIMS, MeshLayout
+
+logger = logging.getLogger("dream_trainer.world")
+
+
+def pick_device(local_rank: int, requested: str | torch.device | None = None) -> torch.device:
+    """The device this rank computes on: the requested one, else its accelerator, else the CPU."""
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, local_rank)
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        kind = accelerator.current_accelerator()
+        if kind is not None and kind.type != "cpu":
+            return torch.device(kind.type, local_rank)
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo on CPU, NCCL on CUDA, torch's default backend for any other accelerator."""
+    if device.type == "cpu":
+        return "gloo"
+    if device.type == "cuda":
+        return "nccl"
+    backend = dist.Backend.default_device_backend_map.get(device.type)
+    if backend is None:
+        raise RuntimeError(
+            f"torch.distributed has no default backend for device type {device.type!r}; "
+            "pass device='cpu' or install the backend package for this accelerator"
+        )
+    return str(backend)
+
+
+class DistributedWorld:
+    """Starts (or adopts) the process group and builds the ``pp, dp_replicate, dp_shard, cp, tp`` mesh.
+
+    Construction has no side effects; :meth:`launch` does the work and :meth:`destroy` undoes it.
+    Use it as a context manager to do both.
+    """
+
+    def __init__(
+        self,
+        device_parameters: DeviceParameters,
+        *,
+        device: str | torch.device | None = None,
+        environment: LaunchEnvironment | None = None,
+    ) -> None:
+        self.device_parameters = device_parameters
+        self._requested_device = device
+        self._environment = environment
+        self._owns_process_group = False
+        self._launched = False
+        self._meshes: dict[str, DeviceMesh] = {}
+        self.cpu_group: Any = None
+
+    # Lifecycle
+
+    def launch(self) -> DistributedWorld:
+        """Start the process group if needed, resolve degrees and build every mesh."""
+        if self._launched:
+            return self
+        env = self._environment or LaunchEnvironment.detect()
+        self.environment = env
+        self.layout = MeshLayout.resolve(self.device_parameters, env.world_size)
+        self.device = pick_device(env.local_rank, self._requested_device)
+        self._check_options()
+        if self.device.type != "cpu":
+            torch.get_device_module(self.device.type).set_device(self.device)
+
+        if not dist.is_initialized():
+            self._init_process_group(env)
+        elif dist.get_world_size() != env.world_size:
+            raise RuntimeError(
+                f"an existing process group has {dist.get_world_size()} ranks but the launch "
+                f"environment says {env.world_size}"
+            )
+        backend = dist.get_backend()
+        # CPU objects (e.g. gathered Python objects) need a CPU-capable group beside NCCL.
+        self.cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+        self._build_meshes()
+        self._launched = True
+        if self.is_global_zero:
+            logger.info(
+                "world size %d on %s (%s, %s)\n%s",
+                self.world_size,
+                self.device_type,
+                backend,
+                env.source,
+                self.layout.describe(),
+            )
+        return self
+
+    def destroy(self, *, abort: bool = False) -> None:
+        """Tear down what :meth:`launch` started. ``abort`` skips waiting on peers (after an error)."""
+        self._meshes.clear()
+        self._launched = False
+        if not (self._owns_process_group and dist.is_initialized()):
+            return
+        self._owns_process_group = False
+        abort_fn = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort and abort_fn is not None and dist.get_backend() == "nccl":
+            abort_fn()
+        else:
+            dist.destroy_process_group()
+
+    def __enter__(self) -> DistributedWorld:
+        return self.launch()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.destroy(abort=exc is not None)
+
+    def set_train_timeout(self) -> None:
+        """Switch collectives from the (long) init timeout to the training timeout."""
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        if set_timeout is None or not self._owns_process_group:
+            return
+        timeout = datetime.timedelta(seconds=self.device_parameters.comm.train_timeout_seconds)
+        set_timeout(timeout, None)
+
+    def _init_process_group(self, env: LaunchEnvironment) -> None:
+        backend = backend_for(self.device)
+        comm = self.device_parameters.comm
+        if backend == "nccl" and comm.flight_recorder_buffer_size:
+            os.environ.setdefault(
+                "TORCH_NCCL_TRACE_BUFFER_SIZE", str(comm.flight_recorder_buffer_size)
+            )
+        timeout = datetime.timedelta(seconds=comm.init_timeout_seconds)
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
+        if backend == "nccl":
+            kwargs["device_id"] = self.device
+        if env.source == "single":
+            kwargs["store"] = dist.HashStore()
+            kwargs.update(rank=0, world_size=1)
+        elif env.source == "slurm":
+            kwargs["init_method"] = f"tcp://{env.master_addr}:{env.master_port}"
+            kwargs.update(rank=env.rank, world_size=env.world_size)
+        else:
+            kwargs["init_method"] = "env://"
+        dist.init_process_group(**kwargs)
+        self._owns_process_group = True
+
+    def _check_options(self) -> None:
+        params = self.device_parameters
+        if params.async_tensor_parallel:
+            problems = []
+            if self.layout.tp == 1:
+                problems.append("tensor_parallel is 1")
+            if not params.compile_model:
+                problems.append("compile_model is False")
+            if self.device.type != "cuda":
+                problems.append(f"the device is {self.device.type}, not cuda")
+            if problems:
+                raise ValueError(
+                    "async_tensor_parallel=True cannot be applied: "
+                    + "; ".join(problems)
+                    + ". Set async_tensor_parallel=False, or use TP > 1 with compile_model=True on CUDA."
+                )
+
+    def _build_meshes(self) -> None:
+        root = init_device_mesh(self.device_type, self.layout.shape, mesh_dim_names=MESH_DIMS)
+        self._meshes = {"world": root, **{name: root[name] for name in MESH_DIMS}}
+        for name, dims in FLATTENED_DIMS.items():
+            self._meshes[name] = root[dims]._flatten(name)
+        if self.layout.dp_replicate > 1 and self.layout.size("dp_shard_cp") > 1:
+            self._meshes["hsdp"] = _hsdp_mesh(
+                root,
+                self._meshes["dp_cp"],
+                self.layout.dp_replicate,
+                self.layout.size("dp_shard_cp"),
+            )
+
+    # Meshes
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        """The full 5-D mesh."""
+        return self.get_mesh("world")
+
+    def get_mesh(self, name: str) -> DeviceMesh:
+        """A mesh by name: a dimension, a flattened one (``dp``, ``dp_shard_cp``, ``dp_cp``) or ``world``."""
+        self._require_launched()
+        try:
+            return self._meshes[name]
+        except KeyError:
+            names = ", ".join(k for k in self._meshes if k != "hsdp")
+            raise KeyError(f"no mesh named {name!r}; available meshes: {names}") from None
+
+    @property
+    def fsdp_config(self) -> dict[str, Any]:
+        """Keyword arguments for ``fully_shard``: mesh, mixed precision, offload, resharding."""
+        params = self.device_parameters
+        mesh = self._meshes["hsdp"] if "hsdp" in self._meshes else self.get_mesh("dp_shard_cp")
+        offload: OffloadPolicy = OffloadPolicy()
+        if params.cpu_offload:
+            # Pinning needs an accelerator; torch refuses to pin on a CPU-only machine.
+            offload = CPUOffloadPolicy(pin_memory=self.device.type != "cpu")
+        return {
+            "mesh": mesh,
+            "mp_policy": MixedPrecisionPolicy(
+                param_dtype=params.param_dtype, reduce_dtype=params.reduce_dtype
+            ),
+            "offload_policy": offload,
+            "reshard_after_forward": params.reshard_after_forward,
+        }
+
+    # Facts about this rank
+
+    def _require_launched(self) -> None:
+        if not self._launched:
+            raise RuntimeError("the world is not launched yet; call world.launch() first")
+
+    @property
+    def rank(self) -> int:
+        return self.environment.rank if self._launched else dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def local_rank(self) -> int:
+        return self.environment.local_rank
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
+
+    def size(self, name: str) -> int:
+        return self.layout.size(name)
+
+    def local_rank_in(self, name: str) -> int:
+        """This rank's index inside its group of mesh ``name``."""
+        return self.get_mesh(name).get_local_rank()
+
+    dp_size = property(lambda self: self.size("dp"))
+    dp_rank = property(lambda self: self.local_rank_in("dp"))
+    dp_shard_size = property(lambda self: self.size("dp_shard"))
+    dp_shard_rank = property(lambda self: self.local_rank_in("dp_shard"))
+    dp_replicate_size = property(lambda self: self.size("dp_replicate"))
+    dp_replicate_rank = property(lambda self: self.local_rank_in("dp_replicate"))
+    tp_size = property(lambda self: self.size("tp"))
+    tp_rank = property(lambda self: self.local_rank_in("tp"))
+    cp_size = property(lambda self: self.size("cp"))
+    cp_rank = property(lambda self: self.local_rank_in("cp"))
+    pp_size = property(lambda self: self.size("pp"))
+    pp_rank = property(lambda self: self.local_rank_in("pp"))
+
+    pp_enabled = property(lambda self: self.layout.pp > 1)
+    tp_enabled = property(lambda self: self.layout.tp > 1)
+    cp_enabled = property(lambda self: self.layout.cp > 1)
+    dp_shard_enabled = property(lambda self: self.layout.dp_shard > 1)
+    dp_replicate_enabled = property(lambda self: self.layout.dp_replicate > 1)
+
+    @property
+    def loss_parallel_enabled(self) -> bool:
+        return self.tp_enabled and self.device_parameters.loss_parallel
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """FSDP applies when parameters are sharded over ``dp_shard x cp`` ranks."""
+        return self.layout.size("dp_shard_cp") > 1
+
+
+def _hsdp_mesh(root: DeviceMesh, dp_cp: DeviceMesh, replicate: int, shard: int) -> DeviceMesh:
+    # The 2-D (dp_replicate, dp_shard_cp) mesh for HSDP. torch asks callers to stop slicing
+    # flattened dims out of the root, so unflatten dp_cp where that API exists.
+    if hasattr(dp_cp, "_unflatten"):
+        return dp_cp._unflatten(0, (replicate, shard), ("dp_replicate", "dp_shard_cp"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return root["dp_replicate", "dp_shard_cp"]

@@ -1,0 +1,98 @@
+"""Where the ranks came from: plain python, torchrun, SLURM, or a process group made by someone else."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.distributed as dist
+
+LaunchSource = Literal["single", "torchrun", "slurm", "existing"]
+
+
+@dataclass(frozen=True)
+class LaunchEnvironment:
+    """Rank facts of this process and how to reach the others."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    source: LaunchSource
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+
+    @classmethod
+    def detect(cls, environ: Mapping[str, str] | None = None) -> LaunchEnvironment:
+        """Read the launcher's variables; an initialized process group wins over all of them."""
+        env = os.environ if environ is None else environ
+        local_rank = int(env.get("LOCAL_RANK", 0))
+        if dist.is_available() and dist.is_initialized():
+            return cls(
+                rank=dist.get_rank(),
+                world_size=dist.get_world_size(),
+                local_rank=local_rank,
+                local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+                source="existing",
+            )
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return cls(
+                rank=int(env["RANK"]),
+                world_size=int(env["WORLD_SIZE"]),
+                local_rank=local_rank,
+                local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+                source="torchrun",
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", 29500)),
+            )
+        if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
+            return cls(
+                rank=int(env["SLURM_PROCID"]),
+                world_size=int(env["SLURM_NTASKS"]),
+                local_rank=int(env.get("SLURM_LOCALID", 0)),
+                local_world_size=_slurm_tasks_on_this_node(env),
+                source="slurm",
+                master_addr=env.get("MASTER_ADDR")
+                or first_slurm_host(env.get("SLURM_JOB_NODELIST", "")),
+                master_port=int(env.get("MASTER_PORT", 0)) or _slurm_port(env),
+            )
+        return cls(rank=0, world_size=1, local_rank=0, local_world_size=1, source="single")
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as ``gpu[003-010,012],cpu1`` (-> ``gpu003``)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(
+            "cannot find the first host of SLURM_JOB_NODELIST="
+            f"{nodelist!r}; set MASTER_ADDR to the host of rank 0"
+        )
+    prefix, ranges = match.group(1), match.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _slurm_tasks_on_this_node(env: Mapping[str, str]) -> int:
+    # SLURM_TASKS_PER_NODE looks like "4(x2),3"; the local count is what this node runs.
+    per_node = env.get("SLURM_NTASKS_PER_NODE")
+    if per_node and per_node.isdigit():
+        return int(per_node)
+    first = env.get("SLURM_TASKS_PER_NODE", "1").split(",")[0]
+    return int(first.split("(")[0])
+
+
+def _slurm_port(env: Mapping[str, str]) -> int:
+    # Every task derives the same port from the job id, so no rendezvous is needed to agree on it.
+    return 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on this host."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
