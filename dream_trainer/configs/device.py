@@ -247,6 +247,8 @@ def _translate_aliases(data: dict[str, Any]) -> dict[str, Any]:
     for alias, field in _SIZE_ALIASES.items():
         if alias in data:
             _set_once(data, field, data.pop(alias), alias)
+    if "data_parallel_size" not in data and "fsdp_config" not in data:
+        return data
 
     fsdp = data.pop("fsdp_config", None) or {}
     if not isinstance(fsdp, dict):
