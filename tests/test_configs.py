@@ -178,9 +178,9 @@ def test_guide_form_hybrid_shard_splits_replicas_and_shards():
         data_parallel_size=8, fsdp_config={"sharding_strategy": "HYBRID_SHARD", "shard_size": 4}
     )
     assert (config.dp_replicate, config.dp_shard) == (2, 4)
-    with pytest.raises(ValidationError, match="needs fsdp_config.shard_size"):
+    with pytest.raises(ValidationError, match=r"needs fsdp_config\.shard_size"):
         DeviceParameters(data_parallel_size=8, fsdp_config={"sharding_strategy": "HYBRID_SHARD"})
-    with pytest.raises(ValidationError, match="not a multiple of fsdp_config.shard_size=3"):
+    with pytest.raises(ValidationError, match=r"not a multiple of fsdp_config\.shard_size=3"):
         DeviceParameters(
             data_parallel_size=8, fsdp_config={"sharding_strategy": "HYBRID_SHARD", "shard_size": 3}
         )

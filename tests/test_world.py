@@ -203,9 +203,11 @@ def test_fsdp_config_carries_precision_and_never_pins_memory_without_accelerator
 
 def test_async_tensor_parallel_on_cpu_fails_and_says_why():
     params = DeviceParameters.FSDP(tensor_parallel=2, async_tensor_parallel=True)
-    with pytest.raises(ValueError, match="compile_model is False; the device is cpu"):
-        with fake_world(params, 4):
-            pass
+    with (
+        pytest.raises(ValueError, match="compile_model is False; the device is cpu"),
+        fake_world(params, 4),
+    ):
+        pass
 
 
 # Real ranks over gloo
