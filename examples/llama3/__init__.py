@@ -1,0 +1,1 @@
+"""Llama 3 example: model, named configs, tokenizer and data pipeline."""

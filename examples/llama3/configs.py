@@ -1,0 +1,162 @@
+"""Llama 3 model shapes by name: a CPU-sized ``debug`` config and the published 1B-405B shapes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RopeScaling(BaseModel):
+    """Llama 3.1 RoPE frequency scaling (long-context extension of a model trained at 8192)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale_factor: float = Field(default=8.0, gt=0)
+    low_freq_factor: float = Field(default=1.0, gt=0)
+    high_freq_factor: float = Field(default=4.0, gt=0)
+    original_max_position_embeddings: int = Field(default=8192, gt=0)
+
+    @model_validator(mode="after")
+    def _check_factors(self) -> RopeScaling:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be greater than "
+                f"low_freq_factor ({self.low_freq_factor}); swap or fix the two values."
+            )
+        return self
+
+
+class LlamaArgs(BaseModel):
+    """Every shape and numeric choice of a Llama 3 transformer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dim: int = Field(gt=0)
+    n_layers: int = Field(gt=0)
+    n_heads: int = Field(gt=0)
+    n_kv_heads: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    multiple_of: int = Field(default=256, gt=0)
+    ffn_dim_multiplier: float | None = Field(default=None, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0)
+    rope_theta: float = Field(default=500000.0, gt=0)
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = Field(default=8192, gt=0)
+    tie_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> LlamaArgs:
+        if self.dim % self.n_heads:
+            raise ValueError(
+                f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}); "
+                "change one of them so every head has the same width."
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}) "
+                "for grouped-query attention; change n_kv_heads."
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim = dim / n_heads = {self.head_dim} must be even for rotary embeddings; "
+                "change dim or n_heads."
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU hidden width: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+_SCALING_3_1 = RopeScaling(scale_factor=8.0)
+_SCALING_3_2 = RopeScaling(scale_factor=32.0)
+_LLAMA3_VOCAB = 128256
+
+# Published shapes (Llama 3.2 1B/3B, Llama 3.1 8B/70B/405B); parameter counts are checked in
+# tests/test_llama3_model.py against the published numbers.
+_CONFIGS: dict[str, dict[str, Any]] = {
+    # 4,000,000 parameters; the vocabulary matches the default byte-level BPE tokenizer (tokenizer.py).
+    "debug": dict(
+        dim=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=2048,
+        multiple_of=64,
+        max_seq_len=256,
+    ),
+    "1B": dict(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=_LLAMA3_VOCAB,
+        ffn_dim_multiplier=1.5,
+        multiple_of=256,
+        rope_scaling=_SCALING_3_2,
+        tie_embeddings=True,
+    ),
+    "3B": dict(
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        vocab_size=_LLAMA3_VOCAB,
+        ffn_dim_multiplier=1.0,
+        multiple_of=256,
+        rope_scaling=_SCALING_3_2,
+        tie_embeddings=True,
+    ),
+    "8B": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=_LLAMA3_VOCAB,
+        ffn_dim_multiplier=1.3,
+        multiple_of=1024,
+        rope_scaling=_SCALING_3_1,
+    ),
+    "70B": dict(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        vocab_size=_LLAMA3_VOCAB,
+        ffn_dim_multiplier=1.3,
+        multiple_of=4096,
+        rope_scaling=_SCALING_3_1,
+    ),
+    "405B": dict(
+        dim=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        vocab_size=_LLAMA3_VOCAB,
+        ffn_dim_multiplier=1.2,
+        multiple_of=4096,
+        rope_scaling=_SCALING_3_1,
+    ),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_CONFIGS)
+
+
+def get_model_args(name: str, **overrides: Any) -> LlamaArgs:
+    """Return the named config, with ``overrides`` (e.g. ``max_seq_len=4096``) validated on top."""
+    if name not in _CONFIGS:
+        raise ValueError(
+            f"Unknown Llama 3 config name {name!r}; choose one of {', '.join(MODEL_NAMES)}."
+        )
+    return LlamaArgs.model_validate({**_CONFIGS[name], **overrides})

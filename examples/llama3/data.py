@@ -1,0 +1,324 @@
+"""Text sources, token packing and resumable per-rank data loaders for the Llama 3 example.
+
+Documents are tokenized once as ``[bos] + tokens + [eos]`` into one flat stream cached as a
+``.bin`` file of uint16/uint32 ids, then cut into non-overlapping chunks of ``seq_len + 1``
+tokens: ``input_ids = chunk[:-1]``, ``labels = chunk[1:]``. A DistributedSampler gives every data
+parallel rank a disjoint, equally sized share of the chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from abc import ABC, abstractmethod
+from array import array
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+from examples.llama3.tokenizer import Tokenizer, build_once, cache_dir, read_text, stdlib_files
+
+Split = Literal["train", "validation", "all"]
+# Document i is held out for validation when i % VALIDATION_EVERY == VALIDATION_EVERY - 1.
+VALIDATION_EVERY = 20
+_BATCH_DOCS = 256
+_FORMAT_VERSION = 1
+_DTYPES = {"uint16": (torch.uint16, "H"), "uint32": (torch.uint32, "I")}
+
+
+class DocumentSource(ABC):
+    """An ordered, deterministic collection of text documents."""
+
+    @abstractmethod
+    def documents(self) -> Iterator[str]:
+        """Yield the documents in a fixed order."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A string that changes whenever the documents do (keys the token cache)."""
+
+
+class StdlibSource(DocumentSource):
+    """The standard library's ``.py`` files, one document each, sorted by path.
+
+    ``max_bytes`` keeps only the sorted files up to that many bytes (None: all, ~30 MB).
+    """
+
+    def __init__(self, max_bytes: int | None = 16_000_000) -> None:
+        self.max_bytes = max_bytes
+
+    def _files(self) -> list[Path]:
+        files, total = [], 0
+        for f in stdlib_files():
+            if self.max_bytes is not None and total >= self.max_bytes:
+                break
+            files.append(f)
+            total += f.stat().st_size
+        return files
+
+    def documents(self) -> Iterator[str]:
+        return (read_text(f) for f in self._files())
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for f in self._files():
+            digest.update(f.read_bytes())
+        return f"stdlib:{digest.hexdigest()}"
+
+
+class TextFileSource(DocumentSource):
+    """A UTF-8 text file: documents separated by blank lines, or the whole file as one document."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], mode: Literal["paragraphs", "file"] = "paragraphs"
+    ) -> None:
+        if mode not in ("paragraphs", "file"):
+            raise ValueError(
+                f"TextFileSource mode {mode!r} is unknown; use 'paragraphs' or 'file'."
+            )
+        self.path, self.mode = _existing(path), mode
+
+    def documents(self) -> Iterator[str]:
+        text = read_text(self.path)
+        if self.mode == "file":
+            yield text
+            return
+        for doc in re.split(r"\n\s*\n", text):
+            if doc.strip():
+                yield doc.strip()
+
+    def fingerprint(self) -> str:
+        return f"text:{self.mode}:{_stat_key(self.path)}"
+
+
+class JsonlSource(DocumentSource):
+    """A JSON-lines file with one document per line in the string field ``field``."""
+
+    def __init__(self, path: str | os.PathLike[str], field: str = "text") -> None:
+        self.path, self.field = _existing(path), field
+
+    def documents(self) -> Iterator[str]:
+        with self.path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                text = record.get(self.field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f"Line {n} of {self.path} has no string field {self.field!r}; pass "
+                        "field= with the name of the field that holds the document text."
+                    )
+                yield text
+
+    def fingerprint(self) -> str:
+        return f"jsonl:{self.field}:{_stat_key(self.path)}"
+
+
+def _existing(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"Data file {p} does not exist; pass the path of an existing file.")
+    return p
+
+
+def _stat_key(path: Path) -> str:
+    # Path, size and mtime: cheap to compute for multi-GB files, and changes when they are edited.
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def split_documents(docs: Iterable[str], split: Split) -> Iterator[str]:
+    """Every ``VALIDATION_EVERY``-th document is validation, the rest train; "all" keeps all."""
+    if split not in ("train", "validation", "all"):
+        raise ValueError(f"split {split!r} is unknown; use 'train', 'validation' or 'all'.")
+    for i, doc in enumerate(docs):
+        held_out = i % VALIDATION_EVERY == VALIDATION_EVERY - 1
+        if split == "all" or held_out == (split == "validation"):
+            yield doc
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest supported id dtype for a vocabulary: "uint16" or "uint32"."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def write_token_file(
+    docs: Iterable[str], tokenizer: Tokenizer, path: str | os.PathLike[str], dtype: str
+) -> int:
+    """Write ``[bos] + ids + [eos]`` for each document to ``path``; return the token count."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"Token dtype {dtype!r} is unsupported; use one of {sorted(_DTYPES)}.")
+    typecode = _DTYPES[dtype][1]
+    if tokenizer.vocab_size > 2 ** (8 * array(typecode).itemsize):
+        raise ValueError(
+            f"A vocabulary of {tokenizer.vocab_size} ids does not fit {dtype}; use "
+            f"{token_dtype(tokenizer.vocab_size)}."
+        )
+    count = 0
+    docs_iter = iter(docs)
+    with open(path, "wb") as f:
+        while batch := list(itertools.islice(docs_iter, _BATCH_DOCS)):
+            out = array(typecode)
+            for ids in tokenizer.encode_batch(batch):
+                out.append(tokenizer.bos_id)
+                out.extend(ids)
+                out.append(tokenizer.eos_id)
+            f.write(out.tobytes())
+            count += len(out)
+    return count
+
+
+class PackedDataset(Dataset[dict[str, torch.Tensor]]):
+    """Non-overlapping ``seq_len + 1`` chunks of a memory-mapped token file.
+
+    Item ``i`` is ``{"input_ids": chunk[:-1], "labels": chunk[1:]}`` (int64, length ``seq_len``);
+    the trailing partial chunk is dropped. Pickles by path, so spawned workers reopen the map.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], seq_len: int, dtype: str = "uint16") -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"Token dtype {dtype!r} is unsupported; use one of {sorted(_DTYPES)}.")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be at least 1, got {seq_len}.")
+        self.path, self.seq_len, self.dtype = _existing(path), seq_len, dtype
+        itemsize = array(_DTYPES[dtype][1]).itemsize
+        size = self.path.stat().st_size
+        if size % itemsize:
+            raise ValueError(
+                f"Token file {self.path} has {size} bytes, not a multiple of {itemsize}; pass the "
+                "dtype it was written with (uint16 or uint32)."
+            )
+        self.num_tokens = size // itemsize
+        self._tokens: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The whole token stream as a (memory-mapped) 1-D tensor."""
+        if self._tokens is None:
+            self._tokens = torch.from_file(
+                str(self.path), shared=False, size=self.num_tokens, dtype=_DTYPES[self.dtype][0]
+            )
+        return self._tokens
+
+    def __len__(self) -> int:
+        return self.num_tokens // (self.seq_len + 1)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"Sequence index {index} is outside 0..{len(self) - 1}.")
+        start = index * (self.seq_len + 1)
+        chunk = self.tokens[start : start + self.seq_len + 1].to(torch.int64)
+        return {"input_ids": chunk[:-1], "labels": chunk[1:]}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokens": None}
+
+
+def build_dataset(
+    source: DocumentSource | str | os.PathLike[str],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    split: Split = "train",
+    *,
+    dtype: str | None = None,
+) -> PackedDataset:
+    """Packed dataset of a source, tokenized once and cached under ``cache_dir()/tokens``.
+
+    ``source`` is a :class:`DocumentSource`, ``"stdlib"``, or a file path: ``*.jsonl`` (field
+    "text"), ``*.bin`` (pre-tokenized ids of ``dtype``; used as is, so ``split`` must be "all"),
+    anything else plain text with blank-line-separated documents.
+    """
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".bin":
+        if split != "all":
+            raise ValueError(
+                f"Pre-tokenized file {source} has no document split; pass split='all' and give "
+                "validation its own .bin file."
+            )
+        return PackedDataset(source, seq_len, dtype or token_dtype(tokenizer.vocab_size))
+    src = as_source(source)
+    dtype = dtype or token_dtype(tokenizer.vocab_size)
+    key = f"v{_FORMAT_VERSION}|{src.fingerprint()}|{tokenizer.fingerprint}|{split}|{dtype}"
+    name = f"{type(src).__name__}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.bin"
+    path = build_once(
+        cache_dir() / "tokens" / name,
+        lambda tmp: write_token_file(
+            split_documents(src.documents(), split), tokenizer, tmp, dtype
+        ),
+    )
+    return PackedDataset(path, seq_len, dtype)
+
+
+def as_source(source: DocumentSource | str | os.PathLike[str]) -> DocumentSource:
+    """A source object for ``"stdlib"``, a ``.jsonl`` path or a text path."""
+    if isinstance(source, DocumentSource):
+        return source
+    if source == "stdlib":
+        return StdlibSource()
+    path = Path(source)
+    return JsonlSource(path) if path.suffix == ".jsonl" else TextFileSource(path)
+
+
+class ResumableDistributedSampler(StatefulDistributedSampler):
+    """DistributedSampler whose checkpoint holds the epoch and position; advances epoch per pass.
+
+    The epoch seeds the shuffle, so it no longer needs ``set_epoch`` each epoch (calling it still
+    works).
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        yield from super().__iter__()
+        self.epoch += 1
+        self.yielded = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.epoch = int(state_dict["epoch"])
+
+
+def build_dataloader(
+    dataset: Dataset[Any],
+    batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> StatefulDataLoader:
+    """A checkpointable loader over this data-parallel rank's share of ``dataset``.
+
+    Every rank gets ``len(dataset) // dp_size`` samples (remainder dropped) and full batches only,
+    so all ranks take the same number of steps. Save ``loader.state_dict()`` with the trainer
+    state; ``load_state_dict`` resumes at the next unseen batch.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} must be in 0..{dp_size - 1} for dp_size {dp_size}.")
+    sampler = ResumableDistributedSampler(
+        dataset, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed, drop_last=True
+    )
+    if len(sampler) < batch_size:
+        raise ValueError(
+            f"Each of the {dp_size} data-parallel ranks gets {len(sampler)} sequences, fewer than "
+            f"batch_size {batch_size}; use a larger dataset, a smaller batch size or seq_len."
+        )
+    return StatefulDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )

@@ -1,0 +1,390 @@
+"""Llama 3 transformer written so FSDP, tensor/sequence parallelism and pipeline stages all apply.
+
+Layout: ``tok_embeddings`` (None on pipeline stages without the embedding), ``layers`` (an
+``nn.ModuleDict`` keyed "0".."n-1", so a stage keeps its layers' global names), ``norm`` and
+``output`` (None on non-last stages). Build on the meta device, materialize with ``to_empty`` and
+call :meth:`Transformer.init_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from dream_trainer.parallel import (
+    StyleConstructor,
+    colwise_parallel,
+    prepare_module_input,
+    rowwise_parallel,
+    sequence_parallel,
+)
+from examples.llama3.configs import LlamaArgs, RopeScaling
+
+_INIT_STD = 0.02
+
+
+def scale_rope_frequencies(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 frequency scaling: keep high frequencies, divide low ones, blend in between."""
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * freqs / scaling.scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scaling.scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def rope_table(args: LlamaArgs, device: torch.device | str | None = None) -> torch.Tensor:
+    """Complex rotations ``exp(i * pos * freq)`` of shape (max_seq_len, head_dim // 2)."""
+    half = args.head_dim // 2
+    exponents = torch.arange(0, half, device=device, dtype=torch.float64) * 2 / args.head_dim
+    freqs = 1.0 / (args.rope_theta**exponents)
+    if args.rope_scaling is not None:
+        freqs = scale_rope_frequencies(freqs, args.rope_scaling)
+    positions = torch.arange(args.max_seq_len, device=device, dtype=torch.float64)
+    angles = torch.outer(positions, freqs).float()
+    # complex64 on purpose: mixed-precision casts of forward inputs skip complex tensors, so the
+    # table stays fp32-accurate when passed to FSDP-wrapped blocks.
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of ``x`` (batch, seq, heads, head_dim) by ``rope[:seq]``."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    rotated = pairs * rope[: x.shape[1]].view(1, x.shape[1], 1, -1)
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Repeat each kv head ``n_rep`` times along dim 1 of (batch, kv_heads, seq, head_dim)."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention; head counts come from the (possibly TP-sharded) weights."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.head_dim = args.head_dim
+        kv_dim = args.n_kv_heads * args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, kv_dim, bias=False)
+        self.wv = nn.Linear(args.dim, kv_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen = x.shape[0], x.shape[1]
+        if seqlen > rope.shape[0]:
+            raise ValueError(
+                f"Sequence length {seqlen} exceeds max_seq_len {rope.shape[0]}; raise "
+                "max_seq_len in the model config or feed shorter sequences."
+            )
+        # -1 resolves to the local head count, so the same code runs with colwise-sharded wq/wk/wv.
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        n_rep = q.shape[1] // k.shape[1]
+        out = F.scaled_dot_product_attention(
+            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention and feed-forward with residuals; one FSDP unit and one TP plan."""
+
+    def __init__(self, layer_id: int, args: LlamaArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_layers = args.n_layers
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Truncated normal(0.02) inputs, depth-scaled std for the residual outputs, unit norms."""
+        out_std = _INIT_STD / math.sqrt(2 * self.n_layers)
+        for linear, std in (
+            (self.attention.wq, _INIT_STD),
+            (self.attention.wk, _INIT_STD),
+            (self.attention.wv, _INIT_STD),
+            (self.attention.wo, out_std),
+            (self.feed_forward.w1, _INIT_STD),
+            (self.feed_forward.w3, _INIT_STD),
+            (self.feed_forward.w2, out_std),
+        ):
+            _trunc_normal(linear.weight, std, generator)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+
+    def fully_shard(self, config: dict[str, Any]) -> None:
+        fully_shard(self, **config)
+
+    def parallelize_plan(self, loss_parallel: bool) -> dict[str, StyleConstructor]:
+        """Megatron-style TP with sequence parallel norms (activations Shard(1) between blocks)."""
+        return {
+            "attention_norm": sequence_parallel(),
+            "attention": prepare_module_input(
+                input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+            ),
+            "attention.wq": colwise_parallel(),
+            "attention.wk": colwise_parallel(),
+            "attention.wv": colwise_parallel(),
+            "attention.wo": rowwise_parallel(output_layouts=Shard(1)),
+            "ffn_norm": sequence_parallel(),
+            "feed_forward": prepare_module_input(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            ),
+            "feed_forward.w1": colwise_parallel(),
+            "feed_forward.w2": rowwise_parallel(output_layouts=Shard(1)),
+            "feed_forward.w3": colwise_parallel(),
+        }
+
+
+def _trunc_normal(t: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    nn.init.trunc_normal_(t, 0.0, std, -3 * std, 3 * std, generator=generator)
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+class Transformer(nn.Module):
+    """Llama 3 decoder, or one pipeline stage of it.
+
+    ``layer_ids`` picks which of the ``args.n_layers`` blocks this instance holds (default: all);
+    ``embeddings``/``output`` say whether it holds the token embedding and the final norm + output
+    projection. Forward takes token ids (batch, seq) when the embedding is present, else hidden
+    states (batch, seq, dim); it returns logits when the output is present, else hidden states.
+    """
+
+    rope: torch.Tensor
+
+    def __init__(
+        self,
+        args: LlamaArgs,
+        *,
+        layer_ids: Iterable[int] | None = None,
+        embeddings: bool = True,
+        output: bool = True,
+    ) -> None:
+        super().__init__()
+        self.args = args
+        ids = range(args.n_layers) if layer_ids is None else sorted(set(layer_ids))
+        bad = [i for i in ids if not 0 <= i < args.n_layers]
+        if bad:
+            raise ValueError(
+                f"layer_ids {bad} are outside the model's {args.n_layers} layers; "
+                f"pass ids in 0..{args.n_layers - 1}."
+            )
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if embeddings else None
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in ids})
+        self.norm = RMSNorm(args.dim, args.norm_eps) if output else None
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if output else None
+        self._tie_embeddings()
+        self.register_buffer("rope", rope_table(args), persistent=False)
+
+    def _tie_embeddings(self) -> None:
+        # Tying needs both ends on this module; a pipeline stage holding only one end keeps its
+        # own copy (initialized to the same values, but trained separately).
+        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Transformer:
+        # Module._apply (to_empty, to, cuda) replaces parameters one module at a time when moving
+        # off the meta device, which unties shared weights; tie them again afterwards.
+        super()._apply(fn, recurse)
+        self._tie_embeddings()
+        if not self.rope.is_complex():
+            # Module.to(dtype) casts complex buffers to real, dropping the sines; rebuild it.
+            self.rope = rope_table(self.args, device=self.rope.device)
+        return self
+
+    @property
+    def is_tied(self) -> bool:
+        """Whether the output projection shares its weight with the token embedding."""
+        return (
+            self.tok_embeddings is not None
+            and self.output is not None
+            and self.output.weight is self.tok_embeddings.weight
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        for layer in self.layers.values():
+            h = layer(h, self.rope)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)
+        return h
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        """Initialize every parameter and the rope buffer, deterministically from the global RNG.
+
+        One base seed is drawn from torch's global RNG; each block and each end draws from its own
+        generator derived from it, so a pipeline stage gets the same values as the matching part
+        of the full model. Call on unsharded (plain-tensor) parameters, e.g. after ``to_empty``.
+        """
+        sharded = [n for n, p in self.named_parameters() if isinstance(p, DTensor)]
+        if sharded:
+            # Each rank would draw the same values into its own shard: not the unsharded init.
+            raise RuntimeError(
+                f"init_weights needs unsharded parameters, but {sharded[0]} (and "
+                f"{len(sharded) - 1} more) are DTensors; initialize the full model after "
+                "to_empty and before fully_shard / tensor parallelism, then distribute it."
+            )
+        base = int(torch.randint(0, 2**62, (1,)).item())
+        device = self.rope.device if buffer_device is None else torch.device(buffer_device)
+        self.rope = rope_table(self.args, device=device)
+        # Seed offsets: 0 = embedding, 1 = output, 2 + i = block i.
+        if self.tok_embeddings is not None:
+            weight = self.tok_embeddings.weight
+            nn.init.normal_(weight, 0.0, _INIT_STD, generator=_generator(weight.device, base))
+        for key, layer in self.layers.items():
+            assert isinstance(layer, TransformerBlock)
+            layer.init_weights(_generator(layer.attention.wq.weight.device, base + 2 + int(key)))
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not self.is_tied:
+            weight = self.output.weight
+            if self.args.tie_embeddings:  # pipeline stage without the embedding: same init
+                nn.init.normal_(weight, 0.0, _INIT_STD, generator=_generator(weight.device, base))
+            else:
+                std = self.args.dim**-0.5
+                _trunc_normal(weight, std, _generator(weight.device, base + 1))
+
+    def fully_shard(self, config: dict[str, Any]) -> None:
+        """Shard embedding and norm+output as their own units (tied ends stay in the root)."""
+        if not self.is_tied:
+            if self.tok_embeddings is not None:
+                fully_shard(self.tok_embeddings, **config)
+            if self.output is not None and self.norm is not None:
+                # Backward needs these right after forward, so keep them gathered in between.
+                fully_shard([self.norm, self.output], **{**config, "reshard_after_forward": False})
+        fully_shard(self, **config)
+
+    def parallelize_plan(self, loss_parallel: bool) -> dict[str, StyleConstructor]:
+        """Vocab-sharded embedding and output; logits are a Shard(-1) DTensor under loss parallel."""
+        plan: dict[str, StyleConstructor] = {}
+        if self.tok_embeddings is not None:
+            plan["tok_embeddings"] = rowwise_parallel(
+                input_layouts=Replicate(), output_layouts=Shard(1)
+            )
+        if self.norm is not None:
+            plan["norm"] = sequence_parallel()
+        if self.output is not None:
+            output_style = colwise_parallel(
+                input_layouts=Shard(1),
+                output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                use_local_output=not loss_parallel,
+            )
+            if self.is_tied:
+                output_style = _retie(output_style, self)
+            plan["output"] = output_style
+        return plan
+
+
+def _retie(make_style: StyleConstructor, model: Transformer) -> StyleConstructor:
+    """Wrap the output's style so it re-shares the (already distributed) embedding weight.
+
+    Embedding rowwise and output colwise both shard the (vocab, dim) weight as Shard(0), but
+    torch's styles each replace the module's parameter with a new one; re-pointing output.weight
+    keeps a single parameter for the optimizer. Relies on the plan applying tok_embeddings first.
+    """
+    embedding = model.tok_embeddings
+    assert embedding is not None
+
+    def build(module: Any) -> ParallelStyle:
+        inner = make_style(module)
+        assert isinstance(inner, ParallelStyle)
+        return _TiedOutput(inner, embedding)
+
+    return build
+
+
+class _TiedOutput(ParallelStyle):
+    """Apply ``inner`` to the output projection, then point its weight at the embedding's."""
+
+    def __init__(self, inner: ParallelStyle, embedding: nn.Embedding) -> None:
+        self.inner, self.embedding = inner, embedding
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        self.inner.src_data_rank = self.src_data_rank
+        result = self.inner._apply(module, device_mesh)
+        module.weight = self.embedding.weight
+        return result
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameter elements (a tied weight counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(args: LlamaArgs, seq_len: int) -> int:
+    """Training FLOPs per token: 6 x matmul params (blocks, output) + causal attention matmuls."""
+    model_params = (
+        args.n_layers
+        * (
+            2 * args.dim * (args.n_heads + args.n_kv_heads) * args.head_dim
+            + 3 * args.dim * args.ffn_hidden_dim
+        )
+        + args.dim * args.vocab_size
+    )
+    attention = 6 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    return 6 * model_params + attention
