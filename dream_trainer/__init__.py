@@ -18,7 +18,16 @@ if not _logger.handlers:
     _logger.propagate = False
 
 # Public names resolved on first use, so `import dream_trainer.configs` stays light.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "DreamTrainer": "dream_trainer.trainer",
+    "BaseTrainer": "dream_trainer.trainer",
+    "Callback": "dream_trainer.trainer",
+    "DreamTrainerConfig": "dream_trainer.configs",
+    "DeviceParameters": "dream_trainer.configs",
+    "TrainingParameters": "dream_trainer.configs",
+    "DistributedWorld": "dream_trainer.world",
+}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,13 @@ from dream_trainer.configs.device import (
     DeviceParameters,
     PipelineParallelConfig,
 )
+from dream_trainer.configs.trainer import (
+    DreamTrainerConfig,
+    LoggerConfigMixin,
+    LoggingParameters,
+    ModelSetupConfigMixin,
+    TrainerConfig,
+)
 from dream_trainer.configs.training import TrainingParameters
 
 __all__ = [
@@ -19,7 +26,12 @@ __all__ = [
     "ContextParallelConfig",
     "DType",
     "DeviceParameters",
+    "DreamTrainerConfig",
+    "LoggerConfigMixin",
+    "LoggingParameters",
+    "ModelSetupConfigMixin",
     "PipelineParallelConfig",
+    "TrainerConfig",
     "TrainingParameters",
     "parse_dtype",
 ]

@@ -38,6 +38,32 @@ def pick_device(local_rank: int, requested: str | torch.device | None = None) ->
     return torch.device("cpu")
 
 
+def clear_dtensor_caches() -> None:
+    """Forget DTensor's cached sharding and redistribution plans.
+
+    They are keyed by mesh *value*, so after process groups are destroyed and meshes rebuilt
+    with the same shape (a second ``fit`` in one process), a cached plan would name dead groups.
+    """
+    from torch.distributed.tensor import DTensor, _redistribute
+
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    for name in ("propagate_op_sharding", "_propagate_tensor_meta_cached"):
+        clear = getattr(getattr(propagator, name, None), "cache_clear", None)
+        if clear is not None:
+            clear()
+    native_clear = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if native_clear is not None:
+        native_clear()
+    transform_clear = getattr(
+        getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None
+    )
+    if transform_clear is not None:
+        transform_clear()
+    planner_clear = getattr(_redistribute, "clear_redistribute_planner_cache", None)
+    if planner_clear is not None:
+        planner_clear()
+
+
 def backend_for(device: torch.device) -> str:
     """gloo on CPU, NCCL on CUDA, torch's default backend for any other accelerator."""
     if device.type == "cpu":
@@ -99,6 +125,7 @@ class DistributedWorld:
         backend = dist.get_backend()
         # CPU objects (e.g. gathered Python objects) need a CPU-capable group beside NCCL.
         self.cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+        clear_dtensor_caches()
         self._build_meshes()
         self._launched = True
         if self.is_global_zero:
@@ -116,6 +143,7 @@ class DistributedWorld:
         """Tear down what :meth:`launch` started. ``abort`` skips waiting on peers (after an error)."""
         self._meshes.clear()
         self._launched = False
+        clear_dtensor_caches()
         if not (self._owns_process_group and dist.is_initialized()):
             return
         self._owns_process_group = False

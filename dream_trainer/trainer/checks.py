@@ -1,0 +1,110 @@
+"""Checks run after setup, so a run never trains silently unsharded or unsynchronized."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from dream_trainer.world import DistributedWorld
+
+# Which base mesh dims a mesh name stands for.
+_BASE_DIMS = {
+    "dp_replicate": {"dp_replicate"},
+    "dp_shard": {"dp_shard"},
+    "cp": {"cp"},
+    "dp": {"dp_replicate", "dp_shard"},
+    "dp_shard_cp": {"dp_shard", "cp"},
+    "dp_cp": {"dp_replicate", "dp_shard", "cp"},
+}
+
+
+def check_materialized(models: dict[str, nn.Module]) -> None:
+    """No parameter or buffer is left on the meta device."""
+    for name, model in models.items():
+        for tensor_name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_meta:
+                raise RuntimeError(
+                    f"{name}.{tensor_name} is still on the meta device after setup; create every "
+                    "tensor in configure_models (not in forward) so it is materialized, and fill "
+                    "it in init_weights"
+                )
+
+
+def check_tensor_parallel_applied(models: dict[str, nn.Module], trainer: str) -> None:
+    """With TP on, some model has parameters sharded over the ``tp`` mesh."""
+    for model in models.values():
+        for param in model.parameters():
+            if isinstance(param, DTensor) and "tp" in (param.device_mesh.mesh_dim_names or ()):
+                return
+    described = ", ".join(f"{n} ({type(m).__name__})" for n, m in models.items())
+    raise RuntimeError(
+        f"tensor_parallel > 1 was requested but no parameter of {described} is sharded over the "
+        "tp mesh. Implement parallelize_plan on the model's modules (dream_trainer.parallel."
+        f"ParallelPlan) or override {trainer}.apply_tensor_parallel(self, tp_mesh)."
+    )
+
+
+def _required_dp_dims(world: DistributedWorld) -> set[str]:
+    return {dim for dim in ("dp_replicate", "dp_shard", "cp") if world.size(dim) > 1}
+
+
+def _covered_dims(param: DTensor) -> set[str]:
+    covered: set[str] = set()
+    for name in param.device_mesh.mesh_dim_names or ():
+        covered |= _BASE_DIMS.get(name, set())
+    return covered
+
+
+def _managed_by_composable_replicate(model: nn.Module) -> bool:
+    try:
+        from torch.distributed._composable import contract
+        from torch.distributed._composable_state import _get_module_state  # noqa: F401
+    except ImportError:  # pragma: no cover - layout of torch internals varies
+        return False
+    registry = getattr(contract, "_get_registry", None)
+    if registry is None:
+        return False
+    return any("replicate" in (registry(m) or {}) for m in model.modules())
+
+
+def check_data_parallel_coverage(
+    models: dict[str, nn.Module], world: DistributedWorld, trainer: str
+) -> None:
+    """Every trainable parameter's gradient is reduced over every data-parallel dimension."""
+    required = _required_dp_dims(world)
+    if not required:
+        return
+    for model_name, model in models.items():
+        ddp_wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
+        composable = _managed_by_composable_replicate(model)
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if isinstance(param, DTensor):
+                missing = required - _covered_dims(param)
+                if not missing:
+                    continue
+                mesh = param.device_mesh.mesh_dim_names
+                if composable:
+                    raise RuntimeError(
+                        f"{model_name}.{name} is a DTensor on mesh {mesh} and the model is wrapped "
+                        "by torch.distributed._composable.replicate, which skips DTensor "
+                        "parameters: their gradients would never be averaged across "
+                        f"{'/'.join(sorted(missing))} ranks. Use the default {trainer}."
+                        "apply_replicate (FSDP2-based replicate) or fully_shard with the "
+                        "mesh from world.fsdp_config."
+                    )
+                raise RuntimeError(
+                    f"{model_name}.{name} is a DTensor on mesh {mesh}, not sharded or replicated "
+                    f"over the data-parallel dims {sorted(missing)}, so its gradients would not "
+                    f"be synchronized. Apply fully_shard/replicate to it in {trainer}."
+                    "apply_fully_shard / apply_replicate."
+                )
+            if ddp_wrapped or composable:
+                continue
+            raise RuntimeError(
+                f"{model_name}.{name} is a plain tensor on a run with data-parallel dims "
+                f"{sorted(required)}, so nothing averages its gradient across ranks. Wrap "
+                f"{type(model).__name__} in {trainer}.apply_fully_shard / apply_replicate (or "
+                "keep the defaults)."
+            )

@@ -1,0 +1,77 @@
+"""DataLoaderSetupMixin: train/validation loaders, each data-parallel rank on its own samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import Dataset, DistributedSampler
+
+from dream_trainer.trainer.base import BaseTrainer
+
+
+class DataLoaderSetupMixin(BaseTrainer):
+    """Runs ``configure_dataloaders`` and checks that samplers split data by data-parallel rank."""
+
+    def configure_dataloaders(self) -> tuple[Any, Any | None]:
+        """Return ``(train_loader, val_loader_or_None)``.
+
+        Ranks that share a data-parallel index (TP, CP and PP peers) must see the same batches:
+        shard by ``self.world.dp_rank`` / ``self.world.dp_size``, e.g. with
+        :meth:`distributed_sampler`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement configure_dataloaders")
+
+    def distributed_sampler(
+        self, dataset: Dataset[Any], shuffle: bool = True, drop_last: bool = True
+    ) -> DistributedSampler[Any]:
+        """A sampler giving this data-parallel rank a disjoint, equal-sized part of ``dataset``."""
+        return DistributedSampler(
+            dataset,
+            num_replicas=self.world.dp_size,
+            rank=self.world.dp_rank,
+            shuffle=shuffle,
+            seed=self.config.seed,
+            drop_last=drop_last,
+        )
+
+    def setup(self) -> None:
+        super().setup()
+        loaders = self.configure_dataloaders()
+        if not (isinstance(loaders, tuple) and len(loaders) == 2):
+            raise TypeError(
+                f"{type(self).__name__}.configure_dataloaders must return (train_loader, "
+                f"val_loader or None), got {type(loaders).__name__}"
+            )
+        self.train_dataloader, self.val_dataloader = loaders
+        for role, loader in (("train", self.train_dataloader), ("validation", self.val_dataloader)):
+            self._check_sampler(role, loader)
+
+    def _check_sampler(self, role: str, loader: Any) -> None:
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, DistributedSampler):
+            return
+        dp_size, dp_rank = self.world.dp_size, self.world.dp_rank
+        if (sampler.num_replicas, sampler.rank) != (dp_size, dp_rank):
+            raise ValueError(
+                f"the {role} loader's DistributedSampler has num_replicas={sampler.num_replicas}, "
+                f"rank={sampler.rank}, but this rank is data-parallel rank {dp_rank} of {dp_size} "
+                "(TP/CP/PP peers must read the same data). Build it with "
+                "self.distributed_sampler(dataset) or num_replicas=self.world.dp_size, "
+                "rank=self.world.dp_rank."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["dataloaders"] = {
+            role: loader.state_dict()
+            for role, loader in (("train", self.train_dataloader), ("val", self.val_dataloader))
+            if loader is not None and hasattr(loader, "state_dict")
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for role, loader in (("train", self.train_dataloader), ("val", self.val_dataloader)):
+            saved = state_dict.get("dataloaders", {}).get(role)
+            if saved is not None and loader is not None and hasattr(loader, "load_state_dict"):
+                loader.load_state_dict(saved)

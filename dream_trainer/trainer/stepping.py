@@ -1,0 +1,195 @@
+"""backward() and step(): gradient accumulation, sync suppression, norm, clipping, optimizer step."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from dream_trainer.parallel.grad_norm import (
+    clip_grads_by_total_norm_,
+    scale_grads_,
+    total_grad_norm,
+)
+
+if TYPE_CHECKING:
+    from dream_trainer.configs import TrainerConfig
+    from dream_trainer.trainer.callback import CallbackCollection
+    from dream_trainer.world import DistributedWorld
+
+logger = logging.getLogger("dream_trainer.trainer")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """The total gradient norm was NaN or infinite."""
+
+
+def set_gradient_sync(models: dict[str, nn.Module], enabled: bool) -> None:
+    """Turn data-parallel gradient reduction on or off for the next backward."""
+    for model in models.values():
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(enabled)
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model.require_backward_grad_sync = enabled
+        else:
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.set_requires_gradient_sync(enabled, recurse=False)
+
+
+class GradientStepping:
+    """The part of :class:`BaseTrainer` that turns losses into optimizer steps."""
+
+    # Provided by BaseTrainer.
+    config: TrainerConfig
+    world: DistributedWorld
+    callbacks: CallbackCollection
+    global_step: int
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def named_models(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def named_schedulers(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _init_stepping(self) -> None:
+        self._micro_batch_index = 0
+        self._grad_sync_enabled: bool | None = None
+        self._token_mode: bool | None = None
+        self._step_tokens: torch.Tensor | None = None
+        self._optimizer_params: dict[int, list[torch.Tensor]] = {}
+        self._stepped_this_group = 0
+        self.last_grad_norm: torch.Tensor | None = None
+        self.skipped_steps = 0
+        self._loss_parallel_depth = 0
+
+    @property
+    def is_accumulating_gradients(self) -> bool:
+        """True on every micro-batch of an accumulation group except the last."""
+        accum = self.config.training_parameters.gradient_accumulation_steps
+        return self._micro_batch_index < accum - 1
+
+    def backward(self, loss: torch.Tensor, num_tokens: Any = None) -> None:
+        """Backpropagate ``loss`` for this micro-batch.
+
+        Without ``num_tokens``, ``loss`` is a mean and is divided by the accumulation steps.
+        With ``num_tokens`` (this micro-batch's count of valid tokens, a tensor or int),
+        ``loss`` is a *sum* over those tokens; before the optimizer step the gradients are
+        divided by the token count summed over all micro-batches and data-parallel ranks, so
+        uneven micro-batches weigh every token equally. Gradient sync is suppressed on all but
+        the last micro-batch of each group.
+        """
+        token_mode = num_tokens is not None
+        if self._token_mode is not None and self._token_mode != token_mode:
+            raise ValueError(
+                "backward() was called both with and without num_tokens inside one optimizer "
+                "step; pass num_tokens on every micro-batch or on none"
+            )
+        self._token_mode = token_mode
+        if token_mode:
+            count = torch.as_tensor(num_tokens, dtype=torch.float32, device=self.device).reshape(())
+            self._step_tokens = count if self._step_tokens is None else self._step_tokens + count
+            scaled = loss
+        else:
+            scaled = loss / self.config.training_parameters.gradient_accumulation_steps
+        sync = not self.is_accumulating_gradients
+        if sync != self._grad_sync_enabled:
+            set_gradient_sync(self.named_models(), sync)
+            self._grad_sync_enabled = sync
+        with self.loss_parallel():
+            scaled.backward()
+
+    @contextmanager
+    def loss_parallel(self) -> Iterator[None]:
+        """Context for computing (and backpropagating) a loss on vocab-sharded DTensor logits.
+
+        Active only when tensor parallelism and ``loss_parallel`` are both on; a no-op otherwise.
+        Re-entrant (torch's own context is not), and :meth:`backward` enters it by itself.
+        """
+        if not self.world.loss_parallel_enabled or self._loss_parallel_depth:
+            yield
+            return
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        self._loss_parallel_depth += 1
+        try:
+            with loss_parallel():
+                yield
+        finally:
+            self._loss_parallel_depth -= 1
+
+    def _params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        key = id(optimizer)
+        if key not in self._optimizer_params:
+            self._optimizer_params[key] = [p for g in optimizer.param_groups for p in g["params"]]
+        return self._optimizer_params[key]
+
+    def _normalize_by_tokens(self, params: list[torch.Tensor]) -> None:
+        assert self._step_tokens is not None
+        total = self._step_tokens.clone()
+        mesh = self.world.get_mesh("dp_cp")
+        if mesh.size() > 1:
+            dist.all_reduce(total, group=mesh.get_group())
+        # Data-parallel wrappers already averaged over dp_cp ranks; undo that, then divide.
+        scale_grads_(params, mesh.size() / total.clamp(min=1.0))
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Clip, step ``optimizer`` and its schedulers, then zero its gradients.
+
+        Returns False when a non-finite gradient norm made it skip the step
+        (``on_non_finite_grad="skip"``); raises :class:`NonFiniteGradientError` by default.
+        """
+        if self.is_accumulating_gradients:
+            raise RuntimeError(
+                "step() was called while accumulating gradients (micro-batch "
+                f"{self._micro_batch_index + 1} of "
+                f"{self.config.training_parameters.gradient_accumulation_steps}); "
+                "guard it with `if not self.is_accumulating_gradients:`"
+            )
+        params = self._params_of(optimizer)
+        training = self.config.training_parameters
+        if self._token_mode:
+            self._normalize_by_tokens(params)
+        pp_mesh = self.world.get_mesh("pp") if self.world.pp_enabled else None
+        norm = total_grad_norm(params, extra_mesh=pp_mesh)
+        self.last_grad_norm = norm
+        if training.gradient_clip_val is not None:
+            clip_grads_by_total_norm_(params, training.gradient_clip_val, norm)
+        stepped = True
+        if not bool(torch.isfinite(norm)):
+            if training.on_non_finite_grad == "error":
+                raise NonFiniteGradientError(
+                    f"the total gradient norm is {norm.item()} at step {self.global_step} on rank "
+                    f"{self.world.rank}. Lower the learning rate, set gradient_clip_val, check the "
+                    "inputs for NaN/inf, or set training_parameters.on_non_finite_grad='skip'."
+                )
+            logger.warning("skipping step %d: gradient norm is %s", self.global_step, norm.item())
+            self.skipped_steps += 1
+            stepped = False
+        if stepped:
+            self.callbacks.pre_optimizer_step(optimizer)
+            optimizer.step()
+            for scheduler in self.named_schedulers().values():
+                if getattr(scheduler, "optimizer", None) is optimizer:
+                    scheduler.step()
+            self.callbacks.post_optimizer_step(optimizer)
+        self.callbacks.pre_optimizer_zero_grad(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        self.callbacks.post_optimizer_zero_grad(optimizer)
+        self._stepped_this_group += 1
+        return stepped
+
+    def _end_accumulation_group(self) -> None:
+        self._token_mode = None
+        self._step_tokens = None
+        self._stepped_this_group = 0

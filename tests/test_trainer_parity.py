@@ -1,0 +1,165 @@
+"""Parity: every data/tensor-parallel layout trains exactly like one process.
+
+Same model, data and seed; 8 optimizer steps in fp32 with gradient accumulation 2 and clipping.
+Per-step losses (as the trainer logs them: reduced over data-parallel ranks) must match one
+process within 1e-5 relative. Final full weights: with AdamW within 1e-4 absolute (Adam divides
+by sqrt(v), which magnifies float reassociation from different reduction orders), with SGD
+within 1e-6.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+
+from dream_trainer.configs import DeviceParameters, TrainingParameters
+from tests.multirank import run_on_ranks
+from tests.parity_model import ParityConfig, ParityTrainer
+
+STEPS = 8
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = {"adamw": 1e-4, "sgd": 1e-6}
+
+
+class RecordingTrainer(ParityTrainer):
+    """Keeps every training-loss value the trainer logs."""
+
+    def log_dict(self, metrics: dict[str, float], step: int) -> None:
+        super().log_dict(metrics, step)
+        if "train/loss" in metrics:
+            self.logged_losses.append(metrics["train/loss"])
+
+
+def full_weights(trainer: ParityTrainer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, param in trainer.model.named_parameters():
+        value = param.full_tensor() if hasattr(param, "full_tensor") else param
+        out[name] = value.detach().cpu().clone()
+    return out
+
+
+def parity_config(
+    device_parameters: DeviceParameters, optimizer: str, **overrides: Any
+) -> ParityConfig:
+    return ParityConfig(
+        seed=7,
+        optimizer=optimizer,
+        lr=1e-3 if optimizer == "adamw" else 0.5,
+        device_parameters=device_parameters,
+        training_parameters=TrainingParameters(
+            n_epochs=1, max_steps=STEPS, gradient_accumulation_steps=2, gradient_clip_val=1.0
+        ),
+        logging_parameters={"log_every_n_steps": 1, "backends": []},
+        **overrides,
+    )
+
+
+def train(
+    device_parameters: DeviceParameters,
+    optimizer: str = "adamw",
+    trainer_class: type[RecordingTrainer] = RecordingTrainer,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train on this rank; return the logged losses and the full final weights."""
+    trainer = trainer_class(parity_config(device_parameters, optimizer, **overrides))
+    trainer.logged_losses = []
+    trainer.fit()
+    return {
+        "losses": trainer.logged_losses,
+        "weights": full_weights(trainer),
+        "steps": trainer.global_step,
+    }
+
+
+@functools.cache
+def reference(optimizer: str, **overrides: Any) -> dict[str, Any]:
+    (result,) = run_on_ranks(train, 1, DeviceParameters.SINGLE_DEVICE(), optimizer, **overrides)
+    assert result["steps"] == STEPS and len(result["losses"]) == STEPS
+    return result
+
+
+def assert_matches_reference(
+    results: list[dict[str, Any]], optimizer: str, **overrides: Any
+) -> None:
+    ref = reference(optimizer, **overrides)
+    for rank, result in enumerate(results):
+        assert result["steps"] == STEPS
+        torch.testing.assert_close(
+            torch.tensor(result["losses"]),
+            torch.tensor(ref["losses"]),
+            rtol=LOSS_RTOL,
+            atol=0,
+            msg=lambda m, r=rank: f"rank {r} losses differ from one process: {m}",
+        )
+        assert result["weights"].keys() == ref["weights"].keys()
+        for name, value in result["weights"].items():
+            torch.testing.assert_close(
+                value,
+                ref["weights"][name],
+                rtol=0,
+                atol=WEIGHT_ATOL[optimizer],
+                msg=lambda m, r=rank, n=name: f"rank {r} weight {n}: {m}",
+            )
+
+
+LAYOUTS = {
+    "ddp2": (2, DeviceParameters.DDP(), {}),
+    "ddp4": (4, DeviceParameters.DDP(), {}),
+    "fsdp2": (2, DeviceParameters.FSDP(), {}),
+    "fsdp4": (4, DeviceParameters.FSDP(), {}),
+    "hsdp2x2": (4, DeviceParameters.HSDP(dp_shard=2), {}),
+    "tp2": (2, DeviceParameters.FSDP(dp_shard=1, tensor_parallel=2), {}),
+    "tp2_sp_lossparallel": (
+        2,
+        DeviceParameters.FSDP(dp_shard=1, tensor_parallel=2, loss_parallel=True),
+        {"sequence_parallel": True},
+    ),
+    "fsdp2_tp2": (
+        4,
+        DeviceParameters.FSDP(dp_shard=2, tensor_parallel=2),
+        {"sequence_parallel": True},
+    ),
+    "ddp2_tp2": (4, DeviceParameters.DDP(tensor_parallel=2), {}),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_one_process_with_adamw(layout):
+    world_size, params, overrides = LAYOUTS[layout]
+    results = run_on_ranks(train, world_size, params, "adamw", timeout=300, **overrides)
+    assert_matches_reference(results, "adamw")
+
+
+@pytest.mark.parametrize("layout", ["ddp2", "fsdp2", "fsdp2_tp2"])
+def test_layout_matches_one_process_with_sgd_tightly(layout):
+    world_size, params, overrides = LAYOUTS[layout]
+    results = run_on_ranks(train, world_size, params, "sgd", timeout=300, **overrides)
+    assert_matches_reference(results, "sgd")
+
+
+class NoSyncTrainer(RecordingTrainer):
+    """A broken layout: gradients are never averaged across data-parallel ranks."""
+
+    def backward(self, loss: torch.Tensor, num_tokens: Any = None) -> None:
+        self.model.set_requires_gradient_sync(False)
+        (loss / self.config.training_parameters.gradient_accumulation_steps).backward()
+
+
+def train_without_gradient_sync(params: DeviceParameters) -> dict[str, Any]:
+    trainer = NoSyncTrainer(parity_config(params, "sgd"))
+    trainer.logged_losses = []
+    trainer.fit()
+    return {
+        "losses": trainer.logged_losses,
+        "weights": full_weights(trainer),
+        "steps": trainer.global_step,
+    }
+
+
+def test_a_layout_that_skips_gradient_sync_fails_the_parity_check():
+    results = run_on_ranks(train_without_gradient_sync, 2, DeviceParameters.DDP(), timeout=300)
+    with pytest.raises(AssertionError):
+        assert_matches_reference(results, "sgd")
