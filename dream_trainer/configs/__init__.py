@@ -1,6 +1,7 @@
 """Typed, validated configuration (pydantic v2). Unknown keys are errors; JSON round-trips exactly."""
 
 from dream_trainer.configs.base import ConfigModel, DType, parse_dtype
+from dream_trainer.configs.cli import apply_overrides, parse_overrides
 from dream_trainer.configs.device import (
     DEGREE_FIELDS,
     PIPELINE_SCHEDULES,
@@ -33,5 +34,7 @@ __all__ = [
     "PipelineParallelConfig",
     "TrainerConfig",
     "TrainingParameters",
+    "apply_overrides",
     "parse_dtype",
+    "parse_overrides",
 ]
