@@ -196,10 +196,11 @@ def test_readme_setup_commands() -> None:
     main_job = readme_command("Run the main job")
     tests = readme_command("Run the tests")
     for command in (main_job, tests):
-        install, sep, _run = command.partition(" && ")
-        assert sep, f"README command {command!r} must read '<install> && <run>'."
-        assert shlex.split(install)[:4] == ["python", "-m", "pip", "install"], command
-        assert "torch==2.13.0" in shlex.split(install), command
+        steps = command.split(" && ")
+        assert len(steps) == 4, f"README command {command!r} must read 'venv && activate && install && run'."
+        assert steps[0] == "python3 -m venv .venv" and steps[1] == ". .venv/bin/activate", command
+        assert shlex.split(steps[2])[:4] == ["python", "-m", "pip", "install"], command
+        assert "torch==2.13.0" in shlex.split(steps[2]), command
     assert "-e" in shlex.split(main_job) and ".[llama]" in shlex.split(main_job)
     assert "torchrun" in main_job and "examples/llama3/train.py" in main_job
     assert (REPO_ROOT / "examples" / "llama3").is_dir()
