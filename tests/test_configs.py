@@ -238,3 +238,52 @@ def test_assignment_is_validated():
     config = DeviceParameters()
     with pytest.raises(ValidationError, match="tensor_parallel"):
         config.tensor_parallel = 0
+
+
+# Command-line overrides
+
+
+def test_parse_overrides_reads_dotted_keys_json_values_and_flags():
+    from dream_trainer.configs import parse_overrides
+
+    parsed = parse_overrides(
+        [
+            "--device_parameters.tensor_parallel",
+            "2",
+            "--experiment=run-2",
+            "--flag",
+            "--training_parameters.gradient_clip_val",
+            "0.5",
+            "--model_overrides",
+            '{"dim": 64}',
+        ]
+    )
+    assert parsed == {
+        "device_parameters": {"tensor_parallel": 2},
+        "experiment": "run-2",
+        "flag": True,
+        "training_parameters": {"gradient_clip_val": 0.5},
+        "model_overrides": {"dim": 64},
+    }
+
+
+def test_parse_overrides_rejects_positional_values():
+    from dream_trainer.configs import parse_overrides
+
+    with pytest.raises(ValueError, match=r"expected an option like --field\.name VALUE, got 'debug'"):
+        parse_overrides(["debug"])
+
+
+def test_apply_overrides_validates_and_keeps_other_fields():
+    from dream_trainer.configs import DreamTrainerConfig, apply_overrides
+
+    base = DreamTrainerConfig(project="p", device_parameters=DeviceParameters.FSDP(dp_shard=2))
+    new = apply_overrides(base, ["--device_parameters.tensor_parallel", "2", "--seed", "5"])
+    assert (new.project, new.seed, new.device_parameters.dp_shard) == ("p", 5, 2)
+    assert (
+        new.device_parameters.tensor_parallel == 2 and base.device_parameters.tensor_parallel == 1
+    )
+    with pytest.raises(ValidationError, match="did you mean 'tensor_parallel'"):
+        apply_overrides(base, ["--device_parameters.tensor_paralel", "2"])
+    with pytest.raises(ValidationError, match="max_steps"):
+        apply_overrides(base, ["--training_parameters.max_steps", "0"])
