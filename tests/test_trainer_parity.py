@@ -123,6 +123,9 @@ LAYOUTS = {
         {"sequence_parallel": True},
     ),
     "ddp2_tp2": (4, DeviceParameters.DDP(tensor_parallel=2), {}),
+    "fsdp2_activation_checkpointing": (2, DeviceParameters.FSDP(checkpoint_activations=True), {}),
+    "ddp2_cpu_offload": (2, DeviceParameters.DDP(cpu_offload=True), {}),
+    "fsdp2_cpu_offload": (2, DeviceParameters.FSDP(cpu_offload=True), {}),
 }
 
 

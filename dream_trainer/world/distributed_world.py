@@ -266,7 +266,9 @@ class DistributedWorld:
 
     @property
     def rank(self) -> int:
-        return self.environment.rank if self._launched else dist.get_rank()
+        if not hasattr(self, "environment"):
+            raise RuntimeError("the world is not launched yet; call world.launch() first")
+        return self.environment.rank
 
     @property
     def world_size(self) -> int:

@@ -137,9 +137,14 @@ class ModelSetupMixin(BaseTrainer):
     def apply_replicate(self, dp_replicate_mesh: DeviceMesh) -> None:
         """Replicate each model over ``dp_replicate_mesh`` (FSDP2-based, handles TP weights)."""
         replicate = _fsdp_replicate()
-        mp_policy = self.world.fsdp_config["mp_policy"]
+        config = self.world.fsdp_config
         for model in self.named_models().values():
-            replicate(model, mesh=dp_replicate_mesh, mp_policy=mp_policy)
+            replicate(
+                model,
+                mesh=dp_replicate_mesh,
+                mp_policy=config["mp_policy"],
+                offload_policy=config["offload_policy"],
+            )
 
     # Machinery
 
