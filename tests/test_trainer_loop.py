@@ -197,11 +197,6 @@ class Stream(IterableDataset):
         return iter(self.batches)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agreed_batches treats every object with __len__ as sized, but DataLoader always "
-    "defines __len__ and raises TypeError for an IterableDataset without one",
-)
 def test_a_dataloader_over_an_unsized_iterable_dataset_trains():
     loaders = [DataLoader(Stream(b), batch_size=None) for b in own_batches([5, 3])]
     results = ok(run_on_ranks(run, 2, DDP, {"train_batches": {"per_rank": loaders}}, timeout=60))
@@ -234,28 +229,17 @@ def partial_group(params: DeviceParameters, accum: int, per_epoch: int) -> dict[
     }
 
 
-ONE_LEFT_OVER = pytest.mark.xfail(
-    strict=True,
-    reason="base.py _train_epoch drops a partial group only if _micro_batch_index > 0, so a "
-    "partial group of ONE micro-batch is neither dropped nor warned about",
-)
-FSDP_KEEPS_GRADS = pytest.mark.xfail(
-    strict=True,
-    reason="_drop_partial_group zeroes only the optimizers' (sharded) grads; with sync off, "
-    "FSDP2/replicate keep the dropped micro-batches' grads on their unsharded params and "
-    "reduce them into the next step",
-)
 PARTIAL = {
-    "single-1-left": (1, None, 2, 3, [ONE_LEFT_OVER]),
-    "single-2-left": (1, None, 3, 5, []),
-    "ddp-2-left": (2, DDP, 3, 5, [FSDP_KEEPS_GRADS]),
-    "fsdp-2-left": (2, DeviceParameters.FSDP(), 3, 5, [FSDP_KEEPS_GRADS]),
+    "single-1-left": (1, None, 2, 3),
+    "single-2-left": (1, None, 3, 5),
+    "ddp-2-left": (2, DDP, 3, 5),
+    "fsdp-2-left": (2, DeviceParameters.FSDP(), 3, 5),
 }
 
 
 @pytest.mark.parametrize(
     "world_size,params,accum,per_epoch",
-    [pytest.param(*v[:4], marks=v[4], id=k) for k, v in PARTIAL.items()],
+    [pytest.param(*v, id=k) for k, v in PARTIAL.items()],
 )
 def test_an_unsized_loader_ending_mid_group_drops_the_partial_group(
     world_size, params, accum, per_epoch

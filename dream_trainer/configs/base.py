@@ -70,6 +70,11 @@ class ConfigModel(BaseModel):
         use_attribute_docstrings=True,
     )
 
+    @classmethod
+    def translate_aliases(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite alternative input keys into field names; identity unless a subclass has some."""
+        return data
+
     extra_keys_accepted: ClassVar[frozenset[str]] = frozenset()
     """Keys a subclass translates itself (e.g. guide-form aliases), so they are not typos."""
 

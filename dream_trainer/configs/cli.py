@@ -63,6 +63,24 @@ def apply_overrides(config: ConfigT, args: Sequence[str]) -> ConfigT:
 
     Unknown fields and bad values raise pydantic's ``ValidationError`` naming the field.
     """
-    updates = parse_overrides(args)
-    data = _merge(config.model_dump(mode="json", exclude_unset=False), updates)
+    updates = _canonical(type(config), parse_overrides(args))
+    data = _merge(config.model_dump(mode="json"), updates)
     return type(config).model_validate(data)
+
+
+def _canonical(model: type[BaseModel], updates: dict[str, Any]) -> dict[str, Any]:
+    """Translate alias keys (e.g. ``tensor_parallel_size``) at every level before merging, so
+    they replace the canonical values of the base config instead of conflicting with them."""
+    translate = getattr(model, "translate_aliases", None)
+    if translate is not None:
+        updates = translate(dict(updates))
+    for key, value in list(updates.items()):
+        field = model.model_fields.get(key)
+        annotation = field.annotation if field is not None else None
+        if (
+            isinstance(value, dict)
+            and isinstance(annotation, type)
+            and issubclass(annotation, BaseModel)
+        ):
+            updates[key] = _canonical(annotation, value)
+    return updates

@@ -138,16 +138,17 @@ class DeviceParameters(ConfigModel):
     pipeline_parallel_config: PipelineParallelConfig = Field(default_factory=PipelineParallelConfig)
     context_parallel_config: ContextParallelConfig = Field(default_factory=ContextParallelConfig)
 
+    @classmethod
+    def translate_aliases(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Map the guide forms (``*_parallel_size``, ``data_parallel_size``, ``fsdp_config``)."""
+        if any(key in data for key in cls.extra_keys_accepted):
+            return _translate_aliases(dict(data))
+        return data
+
     @model_validator(mode="before")
     @classmethod
     def _accept_guide_forms(cls, data: Any) -> Any:
-        if isinstance(data, dict) and (
-            "data_parallel_size" in data
-            or "fsdp_config" in data
-            or any(alias in data for alias in _SIZE_ALIASES)
-        ):
-            return _translate_aliases(dict(data))
-        return data
+        return cls.translate_aliases(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _at_most_one_auto(self) -> DeviceParameters:

@@ -44,7 +44,8 @@ class LoggingParameters(ConfigModel):
     log_every_n_steps: int = Field(default=10, ge=1)
     """Reduce and log training metrics every N optimizer steps (each costs one collective)."""
     backends: list[MetricBackend] = Field(default_factory=lambda: list(DEFAULT_BACKENDS))
-    """Where rank 0 sends metrics: the console, ``{run_dir}/metrics.jsonl``, and/or wandb."""
+    """Where rank 0 sends metrics: the console, ``{run_dir}/{project}/{experiment}/metrics.jsonl``,
+    and/or wandb."""
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
     """wandb's mode; ``offline`` writes runs locally for a later ``wandb sync``."""
 

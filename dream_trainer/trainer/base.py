@@ -199,21 +199,7 @@ class BaseTrainer(GradientStepping):
                 self.validate()
             if self._reached_max_steps():
                 break
-        else:
-            if self.is_accumulating_gradients and self._micro_batch_index > 0:
-                self._drop_partial_group()
         self._micro_batch_index = 0
-
-    def _drop_partial_group(self) -> None:
-        # An unsized loader ran out mid-group: its gradients must not leak into the next step.
-        logger.warning(
-            "epoch %d ended inside a gradient-accumulation group; dropping %d micro-batches",
-            self.current_epoch,
-            self._micro_batch_index + 1,
-        )
-        for optimizer in self.named_optimizers().values():
-            optimizer.zero_grad(set_to_none=True)
-        self._end_accumulation_group()
 
     def _maybe_log_train_metrics(self, running: dict[str, torch.Tensor], accum: int) -> None:
         every = self.log_every_n_steps
@@ -263,15 +249,24 @@ class BaseTrainer(GradientStepping):
     # State that must survive a restart
 
     def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type != "cpu":
+            rng[self.device.type] = torch.get_device_module(self.device.type).get_rng_state()
         return {
             "trainer": {"global_step": self.global_step, "current_epoch": self.current_epoch},
             "callbacks": self.callbacks.state_dict(),
+            "rng": rng,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.global_step = int(state_dict["trainer"]["global_step"])
         self.current_epoch = int(state_dict["trainer"]["current_epoch"])
         self.callbacks.load_state_dict(state_dict.get("callbacks", {}))
+        rng = state_dict.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if self.device.type in rng:
+            torch.get_device_module(self.device.type).set_rng_state(rng[self.device.type])
 
 
 def set_epoch(loader: Any, epoch: int) -> None:
@@ -292,13 +287,16 @@ def agreed_batches(
 ) -> Iterator[tuple[int, Any]]:
     """Yield ``(index, batch)`` for a count every rank agrees on, so none waits in a collective.
 
-    With ``len(loader)`` the ranks agree once on the smallest length; otherwise they agree
-    batch by batch whether all of them still have one.
+    The count is a multiple of ``multiple_of`` (whole accumulation groups only). With
+    ``len(loader)`` the ranks agree once on the smallest length; otherwise they read one group
+    at a time and agree that every rank has a whole group before yielding it.
     """
     group = world.cpu_group if world.world_size > 1 else None
-    sized = hasattr(loader, "__len__")
-    if sized:
+    try:
         local = len(loader)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):  # e.g. a DataLoader over an IterableDataset
+        local = None
+    if local is not None:
         if limit is not None:
             local = min(local, limit)
         agreed = torch.tensor([local])
@@ -317,12 +315,28 @@ def agreed_batches(
         return
     iterator = iter(loader)
     index = 0
-    while limit is None or index < limit:
-        batch = next(iterator, None)
-        flag = torch.tensor([0 if batch is None else 1])
+    while limit is None or index + multiple_of <= limit:
+        pending = []
+        for _ in range(multiple_of):
+            batch = next(iterator, _END)
+            if batch is _END:
+                break
+            pending.append(batch)
+        flag = torch.tensor([1 if len(pending) == multiple_of else 0])
         if group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
         if not flag.item():
+            if pending:
+                logger.warning(
+                    "the %s dataloader ran out inside an accumulation group; dropping %d "
+                    "micro-batches so no partial group reaches the optimizer",
+                    what,
+                    len(pending),
+                )
             return
-        yield index, batch
-        index += 1
+        for batch in pending:
+            yield index, batch
+            index += 1
+
+
+_END = object()

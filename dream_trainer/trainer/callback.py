@@ -32,7 +32,7 @@ HOOKS = (
     "post_validation_step",
     "on_interrupt",
 )
-"""Every hook a callback may implement, in the order they first fire."""
+"""Every hook a callback may implement."""
 
 
 class Callback(Generic[TrainerT]):
@@ -54,7 +54,8 @@ class Callback(Generic[TrainerT]):
             for base in getattr(klass, "__orig_bases__", ()):
                 if typing.get_origin(base) is Callback:
                     for arg in typing.get_args(base):
-                        if isinstance(arg, type):
+                        # Any and type variables state no requirement.
+                        if isinstance(arg, type) and arg is not Any:
                             found.append(arg)
         return tuple(found)
 

@@ -105,7 +105,7 @@ class MeshLayout:
         lines = [f"{'mesh':<14}{'size':>5}  groups"]
         for name in (*MESH_DIMS, *FLATTENED_DIMS):
             groups = self.groups(name)
-            shown = " ".join(str(g) for g in groups[:max_groups])
+            shown = " ".join(_short(g) for g in groups[:max_groups])
             if len(groups) > max_groups:
                 shown += f" ... ({len(groups)} groups)"
             label = name if name in MESH_DIMS else f"{name}*"
@@ -116,6 +116,14 @@ class MeshLayout:
             + ")"
         )
         return "\n".join(lines)
+
+
+def _short(group: list[int], limit: int = 8) -> str:
+    """``[0, 1, 2, ..., 127]`` instead of all 128 ranks."""
+    if len(group) <= limit:
+        return str(group)
+    head = ", ".join(str(r) for r in group[: limit - 2])
+    return f"[{head}, ..., {group[-1]}]"
 
 
 def _unknown_mesh_message(name: str) -> str:

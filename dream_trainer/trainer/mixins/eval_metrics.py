@@ -36,17 +36,13 @@ class EvalMetricMixin(BaseTrainer):
 
     def setup(self) -> None:
         super().setup()
-        kinds: tuple[type, ...] = ()
-        try:
-            import torchmetrics
-
-            kinds = (torchmetrics.Metric, torchmetrics.MetricCollection)
-        except ImportError:
-            pass
-        with assigned_during(self, lambda v: bool(kinds) and isinstance(v, kinds)) as found:
+        self._metric_names: list[str] = []
+        if type(self).configure_metrics is EvalMetricMixin.configure_metrics:
+            return  # no metrics declared: don't pay for importing torchmetrics
+        torchmetrics = require_torchmetrics()
+        kinds = (torchmetrics.Metric, torchmetrics.MetricCollection)
+        with assigned_during(self, lambda v: isinstance(v, kinds)) as found:
             self.configure_metrics()
-        if not kinds and type(self).configure_metrics is not EvalMetricMixin.configure_metrics:
-            require_torchmetrics()
         group = self.world.get_mesh("dp").get_group() if self.world.dp_size > 1 else None
         for metric in found.values():
             metric.to(self.device)

@@ -48,8 +48,9 @@ class ModelSetupMixin(BaseTrainer):
 
     Order: ``configure_models`` (meta) -> ``apply_tensor_parallel`` -> ``apply_context_parallel``
     -> ``apply_pipeline_parallel`` -> ``apply_activation_checkpointing`` -> ``apply_compile`` ->
-    ``apply_fully_shard`` (dp_shard x cp > 1) or ``apply_replicate`` (dp_replicate > 1) ->
-    materialize -> ``init_weights`` -> checks. Each hook runs only when its layout asks for it.
+    ``apply_fully_shard`` (dp_shard x cp > 1, or mixed precision / offload without replication)
+    or ``apply_replicate`` (dp_replicate > 1) -> materialize -> ``init_weights`` -> checks.
+    Each hook runs only when its layout asks for it.
     """
 
     config: _ModelSetupConfig  # type: ignore[assignment]
@@ -185,9 +186,14 @@ class ModelSetupMixin(BaseTrainer):
             self.apply_pipeline_parallel(world.get_mesh("pp"))
         if params.checkpoint_activations:
             self.apply_activation_checkpointing()
+        if params.async_tensor_parallel:
+            enable_async_tensor_parallel(world.get_mesh("tp"))
         if params.compile_model:
             self.apply_compile()
-        if world.fsdp_enabled:
+        # Mixed precision and CPU offload are FSDP policies; without data parallelism they
+        # still take effect through FSDP on a one-rank mesh rather than being dropped.
+        wants_policies = bool(params.param_dtype or params.reduce_dtype or params.cpu_offload)
+        if world.fsdp_enabled or (wants_policies and not world.dp_replicate_enabled):
             self.apply_fully_shard(world.fsdp_config)
         elif world.dp_replicate_enabled:
             self.apply_replicate(world.get_mesh("dp_replicate"))
@@ -211,6 +217,9 @@ class ModelSetupMixin(BaseTrainer):
 
     @contextmanager
     def _models_swapped(self, replacements: dict[str, nn.Module]) -> Iterator[None]:
+        # Aliases (self.encoder = self.model.encoder) must point into the full copies too, or
+        # init_weights would write through them into tensors that are overwritten afterwards.
+        replacements = {**_aliases_into(self, replacements), **replacements}
         originals = {name: getattr(self, name) for name in replacements}
         try:
             for name, model in replacements.items():
@@ -248,6 +257,31 @@ def _drop_aliases(found: dict[str, nn.Module]) -> dict[str, nn.Module]:
             continue
         kept[name] = module
     return kept
+
+
+def _aliases_into(owner: Any, replacements: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Attributes of ``owner`` that are submodules of a replaced model, mapped into its copy."""
+    found: dict[str, nn.Module] = {}
+    for model_name, copy_ in replacements.items():
+        paths = {id(m): path for path, m in getattr(owner, model_name).named_modules() if path}
+        for attr, value in vars(owner).items():
+            if attr not in replacements and isinstance(value, nn.Module) and id(value) in paths:
+                found[attr] = copy_.get_submodule(paths[id(value)])
+    return found
+
+
+def enable_async_tensor_parallel(tp_mesh: DeviceMesh) -> None:
+    """Let torch.compile overlap TP collectives with matmuls (symmetric memory on the TP group)."""
+    try:
+        from torch._inductor import config as inductor_config
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+    except ImportError as error:  # pragma: no cover - depends on the torch build
+        raise RuntimeError(
+            "async_tensor_parallel=True needs torch.distributed._symmetric_memory, which this "
+            "torch build lacks; set async_tensor_parallel=False"
+        ) from error
+    inductor_config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
 def _fsdp_replicate() -> Any:
