@@ -57,14 +57,10 @@ def _covered_dims(param: DTensor) -> set[str]:
 
 def _managed_by_composable_replicate(model: nn.Module) -> bool:
     try:
-        from torch.distributed._composable import contract
-        from torch.distributed._composable_state import _get_module_state  # noqa: F401
+        from torch.distributed._composable.contract import _get_registry
     except ImportError:  # pragma: no cover - layout of torch internals varies
         return False
-    registry = getattr(contract, "_get_registry", None)
-    if registry is None:
-        return False
-    return any("replicate" in (registry(m) or {}) for m in model.modules())
+    return any("replicate" in (_get_registry(m) or {}) for m in model.modules())
 
 
 def check_data_parallel_coverage(
