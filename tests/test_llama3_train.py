@@ -111,12 +111,11 @@ def test_llama3_debug_run_matches_one_process(layout, corpus, single_process):
             torch.testing.assert_close(value, single_process["weights"][name], rtol=0, atol=1e-4)
 
 
-def test_train_script_runs_under_torchrun_and_prints_a_sample(corpus, tmp_path):
-    overrides = [
-        "--config",
-        "debug",
-        "--model_overrides",
-        json.dumps(TINY),
+def tiny_run_args(corpus: dict[str, str], run_dir: Path) -> list[str]:
+    """Command-line arguments for a tiny, fast run of train.py on the test corpus."""
+    model = ["--config", "debug", "--model_overrides", json.dumps(TINY)]
+    return [
+        *model,
         "--seq_len",
         "32",
         "--batch_size",
@@ -124,7 +123,13 @@ def test_train_script_runs_under_torchrun_and_prints_a_sample(corpus, tmp_path):
         "--data",
         corpus["data"],
         "--run_dir",
-        str(tmp_path),
+        str(run_dir),
+    ]
+
+
+def test_train_script_runs_under_torchrun_and_prints_a_sample(corpus, tmp_path):
+    overrides = [
+        *tiny_run_args(corpus, tmp_path),
         "--training_parameters.max_steps",
         "30",
         "--training_parameters.val_every_n_steps",
@@ -151,18 +156,7 @@ def test_train_script_runs_under_torchrun_and_prints_a_sample(corpus, tmp_path):
 
 def test_train_script_applies_command_line_overrides_with_tensor_parallel(corpus, tmp_path):
     overrides = [
-        "--config",
-        "debug",
-        "--model_overrides",
-        json.dumps(TINY),
-        "--seq_len",
-        "32",
-        "--batch_size",
-        "2",
-        "--data",
-        corpus["data"],
-        "--run_dir",
-        str(tmp_path),
+        *tiny_run_args(corpus, tmp_path),
         "--device_parameters.tensor_parallel",
         "2",
         "--device_parameters.loss_parallel",

@@ -151,18 +151,9 @@ class NoSyncTrainer(RecordingTrainer):
         (loss / self.config.training_parameters.gradient_accumulation_steps).backward()
 
 
-def train_without_gradient_sync(params: DeviceParameters) -> dict[str, Any]:
-    trainer = NoSyncTrainer(parity_config(params, "sgd"))
-    trainer.logged_losses = []
-    trainer.fit()
-    return {
-        "losses": trainer.logged_losses,
-        "weights": full_weights(trainer),
-        "steps": trainer.global_step,
-    }
-
-
 def test_a_layout_that_skips_gradient_sync_fails_the_parity_check():
-    results = run_on_ranks(train_without_gradient_sync, 2, DeviceParameters.DDP(), timeout=300)
+    results = run_on_ranks(
+        train, 2, DeviceParameters.DDP(), "sgd", trainer_class=NoSyncTrainer, timeout=300
+    )
     with pytest.raises(AssertionError):
         assert_matches_reference(results, "sgd")
