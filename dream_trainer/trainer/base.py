@@ -100,6 +100,11 @@ class BaseTrainer(GradientStepping):
 
     @property
     def device(self) -> torch.device:
+        if not hasattr(self.world, "device"):
+            raise RuntimeError(
+                "the trainer's world is not launched yet (fit() launches it); load state from a "
+                "callback's post_setup hook or after world.launch()"
+            )
         return self.world.device
 
     # Life of a run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -19,7 +20,7 @@ _BASE_DIMS = {
 
 
 def check_materialized(models: dict[str, nn.Module]) -> None:
-    """No parameter or buffer is left on the meta device."""
+    """No parameter, buffer or plain tensor attribute is left on the meta device."""
     for name, model in models.items():
         for tensor_name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tensor.is_meta:
@@ -28,6 +29,16 @@ def check_materialized(models: dict[str, nn.Module]) -> None:
                     "tensor in configure_models (not in forward) so it is materialized, and fill "
                     "it in init_weights"
                 )
+        for path, module in model.named_modules():
+            for attr, value in vars(module).items():
+                if isinstance(value, torch.Tensor) and value.is_meta:
+                    where = ".".join(p for p in (name, path, attr) if p)
+                    raise RuntimeError(
+                        f"{where} is a plain tensor attribute still on the meta device: "
+                        "materialization only moves parameters and buffers. Register it with "
+                        f"self.register_buffer({attr!r}, tensor, persistent=False) and fill it "
+                        "in init_weights"
+                    )
 
 
 def check_tensor_parallel_applied(models: dict[str, nn.Module], trainer: str) -> None:
