@@ -199,6 +199,9 @@ def test_fsdp_config_carries_precision_and_never_pins_memory_without_accelerator
         assert config["mp_policy"].reduce_dtype is torch.float32
         assert config["offload_policy"].pin_memory is False
         assert config["reshard_after_forward"] is False
+    with fake_world(DeviceParameters.FSDP(), 4) as world:
+        # None: fully_shard reshards every module except the root, which backward needs first.
+        assert world.fsdp_config["reshard_after_forward"] is None
 
 
 def test_async_tensor_parallel_on_cpu_fails_and_says_why():

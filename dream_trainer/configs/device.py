@@ -122,7 +122,8 @@ class DeviceParameters(ConfigModel):
     cpu_offload: bool = False
     """Keep sharded parameters, gradients and optimizer state on the CPU."""
     reshard_after_forward: bool = True
-    """FSDP frees gathered parameters after forward (``False``: keep them until backward)."""
+    """FSDP frees gathered parameters after forward, except the root's, which backward needs
+    first (``False``: keep every module's until backward)."""
     compile_model: bool = False
     """Run the ``apply_compile`` hook (``torch.compile``)."""
     checkpoint_activations: bool = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 import warnings
@@ -12,7 +13,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 from dream_trainer.configs import DeviceParameters
 from dream_trainer.world.environment import LaunchEnvironment
@@ -255,7 +261,7 @@ class DistributedWorld:
                 param_dtype=params.param_dtype, reduce_dtype=params.reduce_dtype
             ),
             "offload_policy": offload,
-            "reshard_after_forward": params.reshard_after_forward,
+            "reshard_after_forward": _reshard_after_forward(params.reshard_after_forward),
         }
 
     # Facts about this rank
@@ -320,6 +326,19 @@ class DistributedWorld:
     def fsdp_enabled(self) -> bool:
         """FSDP applies when parameters are sharded over ``dp_shard x cp`` ranks."""
         return self.layout.size("dp_shard_cp") > 1
+
+
+_FSDP_ROOT_AWARE_DEFAULT = (
+    inspect.signature(fully_shard).parameters["reshard_after_forward"].default is None
+)
+
+
+def _reshard_after_forward(reshard: bool) -> bool | None:
+    # fully_shard's None means "reshard every module but the root": the root's parameters are
+    # needed again as soon as backward starts, so resharding them only adds an all-gather.
+    if reshard and _FSDP_ROOT_AWARE_DEFAULT:
+        return None
+    return reshard
 
 
 def _hsdp_mesh(root: DeviceMesh, dp_cp: DeviceMesh, replicate: int, shard: int) -> DeviceMesh:
