@@ -1,0 +1,54 @@
+"""Smoke tests of benchmarks/overhead.py: it runs, and both of its loops do the same work.
+
+No timing is asserted here; speed is measured by running the benchmark itself.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from benchmarks import overhead
+from tests.multirank import run_on_ranks
+
+TINY = overhead.Sizes(vocab=32, dim=16, layers=2, heads=2, seq=8, batch=2)
+TINY_ARGS = ["--vocab", "32", "--dim", "16", "--layers", "2", "--heads", "2", "--seq", "8"]
+
+
+def test_single_layout_prints_a_ratio_row(capsys: pytest.CaptureFixture[str]) -> None:
+    overhead.main(
+        ["--layout", "single", "--rounds", "2", "--warmup", "1", "--steps", "2", *TINY_ARGS]
+    )
+    out = capsys.readouterr().out
+    row = re.search(r"^\| single \|\s+1 \|.*$", out, re.MULTILINE)
+    assert row is not None, out
+    cells = [c.strip() for c in row.group(0).strip("|").split("|")]
+    trainer_ms, hand_ms, ratio = (float(c) for c in cells[2:5])
+    assert trainer_ms > 0 and hand_ms > 0 and ratio > 0
+    assert re.search(
+        r"^single \(1 thread/rank\): ratio [\d.]+ .* loss trajectories match", out, re.M
+    )
+
+
+def test_both_loops_follow_the_same_loss_trajectory() -> None:
+    _, trainer_losses = overhead.trainer_window("single", TINY, warmup=1, steps=3)
+    _, hand_losses = overhead.hand_window("single", TINY, warmup=1, steps=3, mesh=None)
+    assert len(trainer_losses) == len(hand_losses) == 4 * overhead.ACCUM
+    # Weights change after every step, so equal losses on later micro-batches mean equal updates.
+    assert trainer_losses == pytest.approx(hand_losses, rel=1e-5)
+    assert trainer_losses[0] != pytest.approx(trainer_losses[-1], rel=1e-3)
+
+
+def loss_gap_on_ranks(layout: str) -> float:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2,))
+    return overhead.measure(layout, TINY, rounds=0, warmup=1, steps=3, mesh=mesh).loss_diff
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_two_rank_loops_follow_the_same_loss_trajectory(layout: str) -> None:
+    gaps = run_on_ranks(loss_gap_on_ranks, 2, layout)
+    assert max(gaps) < 1e-5, gaps
