@@ -270,7 +270,9 @@ def test_parse_overrides_reads_dotted_keys_json_values_and_flags():
 def test_parse_overrides_rejects_positional_values():
     from dream_trainer.configs import parse_overrides
 
-    with pytest.raises(ValueError, match=r"expected an option like --field\.name VALUE, got 'debug'"):
+    with pytest.raises(
+        ValueError, match=r"expected an option like --field\.name VALUE, got 'debug'"
+    ):
         parse_overrides(["debug"])
 
 

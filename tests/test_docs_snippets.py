@@ -197,7 +197,9 @@ def test_readme_setup_commands() -> None:
     tests = readme_command("Run the tests")
     for command in (main_job, tests):
         steps = command.split(" && ")
-        assert len(steps) == 4, f"README command {command!r} must read 'venv && activate && install && run'."
+        assert len(steps) == 4, (
+            f"README command {command!r} must read 'venv && activate && install && run'."
+        )
         assert steps[0] == "python3 -m venv .venv" and steps[1] == ". .venv/bin/activate", command
         assert shlex.split(steps[2])[:4] == ["python", "-m", "pip", "install"], command
         assert "torch==2.13.0" in shlex.split(steps[2]), command
