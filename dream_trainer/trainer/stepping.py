@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -30,17 +31,26 @@ class NonFiniteGradientError(RuntimeError):
     """The total gradient norm was NaN or infinite."""
 
 
-def set_gradient_sync(models: dict[str, nn.Module], enabled: bool) -> None:
-    """Turn data-parallel gradient reduction on or off for the next backward."""
+def gradient_sync_switches(models: dict[str, nn.Module]) -> list[Callable[[bool], None]]:
+    """Functions that turn data-parallel gradient reduction on or off, one per wrapper.
+
+    Found once, so switching on every micro-batch does not walk the module tree.
+    """
+    switches: list[Callable[[bool], None]] = []
     for model in models.values():
         if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(enabled)
+            switches.append(model.set_requires_gradient_sync)
         elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model.require_backward_grad_sync = enabled
+            switches.append(functools.partial(setattr, model, "require_backward_grad_sync"))
         else:
             for module in model.modules():
                 if isinstance(module, FSDPModule):
-                    module.set_requires_gradient_sync(enabled, recurse=False)
+                    switches.append(functools.partial(_set_sync_here, module))
+    return switches
+
+
+def _set_sync_here(module: FSDPModule, enabled: bool) -> None:
+    module.set_requires_gradient_sync(enabled, recurse=False)
 
 
 class GradientStepping:
@@ -65,6 +75,7 @@ class GradientStepping:
     def _init_stepping(self) -> None:
         self._micro_batch_index = 0
         self._grad_sync_enabled: bool | None = None
+        self._sync_switches: list[Callable[[bool], None]] | None = None
         self._token_mode: bool | None = None
         self._step_tokens: torch.Tensor | None = None
         self._optimizer_params: dict[int, list[torch.Tensor]] = {}
@@ -104,7 +115,10 @@ class GradientStepping:
             scaled = loss / self.config.training_parameters.gradient_accumulation_steps
         sync = not self.is_accumulating_gradients
         if sync != self._grad_sync_enabled:
-            set_gradient_sync(self.named_models(), sync)
+            if self._sync_switches is None:
+                self._sync_switches = gradient_sync_switches(self.named_models())
+            for switch in self._sync_switches:
+                switch(sync)
             self._grad_sync_enabled = sync
         with self.loss_parallel():
             scaled.backward()
