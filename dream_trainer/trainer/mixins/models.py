@@ -163,8 +163,9 @@ class ModelSetupMixin(BaseTrainer):
                 "to self (e.g. self.model = MyModel())"
             )
         self._model_names = list(models)
-        # The unparallelized structure, kept on meta so init_weights can run on a full copy.
-        self._meta_models = {n: copy.deepcopy(m) for n, m in models.items()}
+        if self.config.weight_init == "full":
+            # The unparallelized structure, kept on meta so init_weights can run on a full copy.
+            self._meta_models = {n: copy.deepcopy(m) for n, m in models.items()}
 
     def setup(self) -> None:
         super().setup()
