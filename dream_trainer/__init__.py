@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import Any
 
 __version__ = "0.1.0"
-
-_logger = logging.getLogger("dream_trainer")
-if not _logger.handlers:
-    # Show the framework's INFO lines (layout, progress) unless the application configures logging.
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("[dream_trainer] %(message)s"))
-    _logger.addHandler(_handler)
-    _logger.setLevel(logging.INFO)
-    _logger.propagate = False
 
 # Public names resolved on first use, so `import dream_trainer.configs` stays light.
 _LAZY: dict[str, str] = {

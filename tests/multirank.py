@@ -98,6 +98,9 @@ def _worker_main(rank: int, world_size: int, conn: Connection, cfg: dict[str, An
     """Entry point of one rank: set the torchrun-like env *before* importing torch, then serve."""
     os.environ.update(cfg["env"])
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    # Relative paths a test writes (a trainer's default run_dir "runs") land in the pool's
+    # temporary directory, not in the checkout.
+    os.chdir(cfg["cwd"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns our lifetime
     threading.Thread(target=_watch_parent, args=(cfg["parent_pid"],), daemon=True).start()
     if hasattr(signal, "SIGUSR1"):
@@ -183,7 +186,15 @@ class _Pool:
             LOCAL_WORLD_SIZE=str(world_size), MASTER_PORT=str(_free_port()), **(env or {})
         )
         store = self._store_path() if init_pg else None
-        cfg = {"env": env_vars, "parent_pid": os.getpid(), "dir": self.dir, "store": store}
+        cwd = os.path.join(self.dir, "cwd")
+        os.makedirs(cwd)
+        cfg = {
+            "env": env_vars,
+            "parent_pid": os.getpid(),
+            "dir": self.dir,
+            "cwd": cwd,
+            "store": store,
+        }
         ctx = mp.get_context("spawn")
         self.conns: list[Connection] = []
         self.procs: list[Any] = []

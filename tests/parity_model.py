@@ -91,19 +91,22 @@ class Block(nn.Module):
 
 
 class TinyTransformer(nn.Module):
-    def __init__(self, sequence_parallel: bool = False) -> None:
+    def __init__(self, sequence_parallel: bool = False, n_layers: int = LAYERS) -> None:
         super().__init__()
         self.sequence_parallel = sequence_parallel
         self.tok_embeddings = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList([Block(sequence_parallel) for _ in range(LAYERS)])
+        self.layers = nn.ModuleList([Block(sequence_parallel) for _ in range(n_layers)])
         self.norm = nn.RMSNorm(DIM)
         self.output = nn.Linear(DIM, VOCAB, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)
+        # Modules a pipeline stage does not hold are None (dream_trainer.parallel.pipeline).
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers:
             h = layer(h)
-        return self.output(self.norm(h))
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
 
     def init_weights(self) -> None:
         for name, param in self.named_parameters():
@@ -150,13 +153,16 @@ class ParityConfig(DreamTrainerConfig):
     sequence_parallel: bool = False
     dataset_size: int = 128
     token_normalized: bool = False
+    n_layers: int = LAYERS
 
 
 class ParityTrainer(DreamTrainer):
     config: ParityConfig
 
     def configure_models(self) -> None:
-        self.model = TinyTransformer(sequence_parallel=self.config.sequence_parallel)
+        self.model = TinyTransformer(
+            sequence_parallel=self.config.sequence_parallel, n_layers=self.config.n_layers
+        )
 
     def configure_optimizers(self) -> None:
         if self.config.optimizer == "sgd":
@@ -171,16 +177,24 @@ class ParityTrainer(DreamTrainer):
         return DataLoader(data, batch_size=per_rank, sampler=sampler), None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        logits = self.model(batch["inputs"])
-        with self.loss_parallel():
-            if self.config.token_normalized:
-                valid = batch["labels"] != 0  # token id 0 plays padding
-                labels = batch["labels"].masked_fill(~valid, -100)
-                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1), reduction="sum")
-                self.backward(loss, num_tokens=valid.sum())
-            else:
-                loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(0, 1))
-                self.backward(loss)
+        if self.config.token_normalized:
+            valid = batch["labels"] != 0  # token id 0 plays padding
+            labels = batch["labels"].masked_fill(~valid, -100)
+            loss = self.forward_backward(
+                self.model, batch["inputs"], labels, summed_cross_entropy, num_tokens=valid.sum()
+            )
+        else:
+            loss = self.forward_backward(
+                self.model, batch["inputs"], batch["labels"], cross_entropy
+            )
         if not self.is_accumulating_gradients:
             self.step(self.optimizer)
-        return {"loss": loss.detach()}
+        return {"loss": loss}
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1))
+
+
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1), reduction="sum")

@@ -26,7 +26,7 @@ def error_text(**kwargs: object) -> str:
 @pytest.mark.parametrize(
     ("kwargs", "must_mention"),
     [
-        ({"dp_shard": 0}, ["dp_shard", "positive integer or 'auto'", "0"]),
+        ({"dp_shard": 0}, ["dp_shard", "positive integer or 'auto' or 'node'", "0"]),
         ({"tensor_parallel": -2}, ["tensor_parallel", "-2"]),
         ({"pipeline_parallel": "two"}, ["pipeline_parallel", "'two'"]),
         ({"context_parallel": True}, ["context_parallel", "True"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from examples.llama3 import data as data_module
 from examples.llama3.data import (
     VALIDATION_EVERY,
     JsonlSource,
@@ -23,6 +25,7 @@ from examples.llama3.data import (
     StdlibSource,
     build_dataloader,
     build_dataset,
+    max_token_id,
     split_documents,
     write_token_file,
 )
@@ -33,6 +36,7 @@ from examples.llama3.tokenizer import (
     build_once,
     default_tokenizer,
     load_tokenizer,
+    read_text,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -238,3 +242,103 @@ def test_build_once_builds_once_under_concurrency(tmp_path: Path) -> None:
     stale.with_name("other.txt.lock").write_text(f"{socket.gethostname()} {dead.pid}")
     build_once(stale, lambda tmp: tmp.write_text("ok"), timeout=10)
     assert stale.read_text() == "ok"
+
+
+def _write_ids(path: Path, ids: list[int], typecode: str = "H") -> Path:
+    path.write_bytes(array(typecode, ids).tobytes())
+    return path
+
+
+def test_a_bin_file_with_ids_beyond_the_vocabulary_names_the_file_and_the_id(
+    tok: Tokenizer, tmp_path: Path
+) -> None:
+    path = _write_ids(tmp_path / "user.bin", [0, 5, 2047, 3000, 7, 2500, 1])
+    with pytest.raises(ValueError) as error:
+        build_dataset(path, tok, 2, split="all")
+    message = str(error.value)
+    assert f"Token file {path} holds id 3000" in message
+    assert "vocabulary has 2048 ids (0..2047)" in message
+    assert "read as uint16" in message
+    ok = _write_ids(tmp_path / "ok.bin", [0, 5, 2047, 1])  # the largest valid id passes
+    assert build_dataset(ok, tok, 1, split="all").num_tokens == 4
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_max_token_id_scans_in_chunks(tmp_path: Path, dtype: str) -> None:
+    typecode = {"uint16": "H", "uint32": "I"}[dtype]
+    top = 65535 if dtype == "uint16" else 2**32 - 1  # above the signed range of the same width
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, top, 5]  # the largest sits in the last, partial chunk
+    ds = PackedDataset(_write_ids(tmp_path / "ids.bin", ids, typecode), 1, dtype)
+    assert max_token_id(ds.tokens, chunk=4) == top
+    assert max_token_id(ds.tokens[:8], chunk=3) == 9
+    assert max_token_id(ds.tokens[:0]) == -1
+
+
+def test_only_user_bin_files_are_scanned_for_ids(
+    tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scanned: list[int] = []
+
+    def counting(tokens: torch.Tensor, chunk: int = 1 << 22) -> int:
+        scanned.append(tokens.numel())
+        return -1
+
+    monkeypatch.setattr(data_module, "max_token_id", counting)
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(DOCS))
+    build_dataset(text, tok, 16, split="all")  # writes the cached .bin
+    build_dataset(text, tok, 16, split="all")  # reuses it
+    assert scanned == []
+    user = tmp_path / "user.bin"
+    write_token_file(DOCS, tok, user, "uint16")
+    ds = build_dataset(user, tok, 16, split="all")
+    assert scanned == [ds.num_tokens]
+
+
+def test_a_bad_jsonl_line_names_the_file_and_its_line_number(
+    tok: Tokenizer, tmp_path: Path
+) -> None:
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": d}) for d in DOCS[:3]] + ["", json.dumps({"text": "x"})]
+    path.write_text("\n".join([*lines, '{"text": oops}', json.dumps({"text": "y"})]) + "\n")
+    with pytest.raises(ValueError) as error:
+        list(JsonlSource(path).documents())
+    message = str(error.value)
+    assert f"{path}:6 is not valid JSON: Expecting value at column 10" in message
+    assert "line 1" not in message
+    path.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"body": "b"}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2 has no string field 'text'")):
+        build_dataset(path, tok, 4, split="all")
+
+
+def test_invalid_utf8_in_a_text_file_names_the_file_and_byte_offset(
+    tok: Tokenizer, tmp_path: Path, _cache: Path
+) -> None:
+    path = tmp_path / "docs.txt"
+    prefix = "def f():\n    return 'ü'\n\n".encode()
+    path.write_bytes(prefix + b"x = '\xff'\n")
+    with pytest.raises(ValueError) as error:
+        build_dataset(path, tok, 4, split="all")
+    message = str(error.value)
+    assert f"Data file {path} is not valid UTF-8" in message
+    assert f"the byte at offset {len(prefix) + 5} (line 4) is b'\\xff'" in message
+    assert not list((_cache / "tokens").glob("*.bin"))  # nothing half-built is cached
+
+
+def test_invalid_utf8_in_a_jsonl_file_names_the_line_and_file_offset(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    first = (json.dumps({"text": "ünïcode"}, ensure_ascii=False) + "\n").encode()
+    second = b'{"text": "ok"}\r\n'
+    path.write_bytes(first + second + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError) as error:
+        list(JsonlSource(path).documents())
+    message = str(error.value)
+    assert f"{path}:3 is not valid UTF-8: byte 13 of the line" in message
+    assert f"(byte offset {len(first) + len(second) + 13} in the file)" in message
+
+
+def test_stdlib_sources_still_read_leniently(tmp_path: Path) -> None:
+    # Some stdlib test modules are deliberately not UTF-8; the default tokenizer reads them all.
+    latin1 = tmp_path / "module_iso_8859_1.py"
+    latin1.write_bytes(b"# -*- coding: iso-8859-1 -*-\nx = '\xe9'\n")
+    assert read_text(latin1).endswith("x = '\ufffd'\n")

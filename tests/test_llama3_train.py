@@ -82,6 +82,20 @@ LAYOUTS = {
         1,
     ),
     "fsdp2_tp2": (4, DeviceParameters.FSDP(dp_shard=2, tensor_parallel=2, loss_parallel=True), 2),
+    # torch.compile (inductor) per block: under TP the first block's input used to lose its
+    # gradient (the embedding trained with zero gradient under FSDP x TP).
+    "tp2_compile": (
+        2,
+        DeviceParameters.FSDP(dp_shard=1, tensor_parallel=2, compile_model=True),
+        1,
+    ),
+    "fsdp2_tp2_compile": (
+        4,
+        DeviceParameters.FSDP(
+            dp_shard=2, tensor_parallel=2, loss_parallel=True, compile_model=True
+        ),
+        2,
+    ),
 }
 
 
@@ -97,7 +111,7 @@ def single_process(corpus: dict[str, str]) -> dict[str, Any]:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_llama3_debug_run_matches_one_process(layout, corpus, single_process):
     world_size, params, dp_size = LAYOUTS[layout]
-    results = run_on_ranks(train_llama, world_size, params, dp_size, corpus, timeout=300)
+    results = run_on_ranks(train_llama, world_size, params, dp_size, corpus, timeout=900)
     for rank, result in enumerate(results):
         torch.testing.assert_close(
             torch.tensor(result["losses"]),
@@ -146,7 +160,8 @@ def test_train_script_runs_under_torchrun_and_prints_a_sample(corpus, tmp_path):
     output = result.stdout + result.stderr
     assert "sample after 30 steps" in output
     lines = [
-        json.loads(x) for x in (tmp_path / "llama3/debug/metrics.jsonl").read_text().splitlines()
+        json.loads(x)
+        for x in (tmp_path / "llama3/debug/latest/metrics.jsonl").read_text().splitlines()
     ]
     losses = [x["train/loss"] for x in lines if "train/loss" in x]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses

@@ -376,8 +376,10 @@ def test_apply_fully_shard_is_post_order_and_copies_config() -> None:
     assert all(c == config and c is not config for _, c in calls)
 
     calls.clear()
+    # Under PP the calls get the config unchanged (an explicit reshard_after_forward in a
+    # call must not collide); the FSDP modules are switched to False afterwards.
     apply_fully_shard(tree, config, pp_enabled=True)
-    assert [c["reshard_after_forward"] for _, c in calls] == [False] * 4
+    assert all(c == config for _, c in calls)
     assert config == {"mesh": "dp-mesh", "reshard_after_forward": True}
 
 

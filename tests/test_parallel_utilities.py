@@ -9,12 +9,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from dream_trainer.parallel import (
-    apply_tensor_parallel,
-    canonical_name,
-    declared_blocks,
-    load_full_weights,
-)
+from dream_trainer.parallel import apply_tensor_parallel, declared_blocks, load_full_weights
+from dream_trainer.parallel.materialize import canonical_name
 from tests.multirank import run_on_ranks
 from tests.parity_model import TinyTransformer
 

@@ -10,13 +10,13 @@ import torch
 
 from dream_trainer.configs import LoggingParameters
 from dream_trainer.trainer import (
-    HOOKS,
     BaseTrainer,
     Callback,
     EvalMetricMixin,
     LoggerMixin,
     SetupMixin,
 )
+from dream_trainer.trainer.callback import HOOKS
 from tests.trainer_fixtures import MLPConfig, MLPTrainer, mlp_config
 
 EPOCHS, STEPS, ACCUM, VAL_BATCHES = 2, 3, 2, 2
@@ -203,5 +203,6 @@ def test_a_logger_callback_on_dream_trainer_logs_through_the_trainer(tmp_path):
         (0, {"lr": 0.1}),
         (1, {"lr": 0.1}),
     ]
-    lines = (tmp_path / "dream-trainer" / "run" / "metrics.jsonl").read_text().splitlines()
+    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert trainer.run_dir.parent == tmp_path / "dream-trainer" / "run"
     assert sum('"lr": 0.1' in line for line in lines) == 2

@@ -54,14 +54,23 @@ def log_to_jsonl(run_dir: str) -> dict[str, Any]:
     trainer.train_losses, trainer.val_losses = [], []
     trainer.fit()
     sinks = [type(s).__name__ for s in trainer.metric_sinks]  # emptied by teardown
-    return {"train": trainer.train_losses, "val": trainer.val_losses, "sinks_after": sinks}
+    return {
+        "train": trainer.train_losses,
+        "val": trainer.val_losses,
+        "sinks_after": sinks,
+        "run_id": trainer.run_id,
+    }
 
 
 def test_jsonl_is_written_by_rank_0_only_with_losses_averaged_over_ranks(tmp_path):
     rank0, rank1 = run_on_ranks(log_to_jsonl, 2, str(tmp_path))
+    run_id = rank0["run_id"]
+    assert run_id == rank1["run_id"]
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert files == [Path("proj/exp1/metrics.jsonl")]
-    lines = [json.loads(x) for x in (tmp_path / files[0]).read_text().splitlines()]
+    run = Path("proj/exp1") / run_id
+    assert files == [run / "config.json", run / "metrics.jsonl"]
+    assert (tmp_path / "proj/exp1/latest").resolve() == (tmp_path / run).resolve()
+    lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert [(x["step"], sorted(set(x) - {"step", "time"})) for x in lines] == [
         (2, ["train/loss"]),
         (4, ["train/loss"]),
@@ -97,7 +106,8 @@ def test_wandb_offline_creates_a_run_under_the_run_dir_and_logs_every_metric(tmp
     trainer.fit()
     assert [sorted(m) for m in trainer.logged] == [["train/loss"], ["train/loss"], ["val_loss"]]
     wanted = [(k, json.dumps(v)) for metrics in trainer.logged for k, v in metrics.items()]
-    root = tmp_path / "runs" / "p" / "e" / "wandb"
+    root = trainer.run_dir / "wandb"
+    assert trainer.run_dir.parent == tmp_path / "runs" / "p" / "e"
     missing = wanted
     deadline = time.monotonic() + 10.0  # the wandb service process writes the log itself
     while missing and time.monotonic() < deadline:

@@ -294,17 +294,18 @@ def test_tensor_parallel_without_a_plan_names_the_model_and_apply_tensor_paralle
         assert_error(result, "RuntimeError", "model (MLP)", "MLPTrainer.apply_tensor_parallel")
 
 
-@pytest.mark.parametrize(
-    ("degree", "hook"),
-    [
-        ("context_parallel", "apply_context_parallel"),
-        ("pipeline_parallel", "apply_pipeline_parallel"),
-    ],
-)
-def test_context_or_pipeline_parallel_without_its_hook_says_to_implement_it(degree, hook):
-    params = DeviceParameters(dp_shard=1, **{degree: 2})
+def test_context_parallel_without_its_hook_says_to_implement_it():
+    params = DeviceParameters(dp_shard=1, context_parallel=2)
     for result in run_on_ranks(fit_caught, 2, MLPTrainer, params):
-        assert_error(result, "NotImplementedError", f"{degree}=2", f"implement {hook}")
+        assert_error(
+            result, "NotImplementedError", "context_parallel=2", "implement apply_context_parallel"
+        )
+
+
+def test_a_training_step_calling_a_pipelined_model_directly_is_told_what_to_call():
+    params = DeviceParameters(dp_shard=1, pipeline_parallel=2)
+    for result in run_on_ranks(fit_caught, 2, MLPTrainer, params):
+        assert_error(result, "RuntimeError", "split into pipeline stages", "self.forward_backward")
 
 
 class ComposableReplicateTrainer(MLPTrainer):

@@ -12,15 +12,9 @@ import torch
 import torch.distributed as dist
 
 from dream_trainer.configs import DeviceParameters
-from dream_trainer.world import (
-    FLATTENED_DIMS,
-    MESH_DIMS,
-    DistributedWorld,
-    LaunchEnvironment,
-    MeshLayout,
-    fake_world,
-    first_slurm_host,
-)
+from dream_trainer.world import DistributedWorld, MeshLayout, fake_world
+from dream_trainer.world.environment import LaunchEnvironment, first_slurm_host
+from dream_trainer.world.layout import FLATTENED_DIMS, MESH_DIMS
 from tests.multirank import MultiRankError, run_on_ranks, run_with_fresh_ranks
 
 ALL_MESHES = (*MESH_DIMS, *FLATTENED_DIMS)
@@ -198,10 +192,9 @@ def test_fsdp_config_carries_precision_and_never_pins_memory_without_accelerator
         assert config["mp_policy"].param_dtype is torch.bfloat16
         assert config["mp_policy"].reduce_dtype is torch.float32
         assert config["offload_policy"].pin_memory is False
-        assert config["reshard_after_forward"] is False
-    with fake_world(DeviceParameters.FSDP(), 4) as world:
-        # None: fully_shard reshards every module except the root, which backward needs first.
-        assert world.fsdp_config["reshard_after_forward"] is None
+        # Left out so the guide's fully_shard(m, **config, reshard_after_forward=False) works;
+        # the trainer applies the resharding choice after apply_fully_shard.
+        assert set(config) == {"mesh", "mp_policy", "offload_policy"}
 
 
 def test_async_tensor_parallel_on_cpu_fails_and_says_why():
@@ -342,11 +335,14 @@ def layout_log_lines() -> int:
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # the library leaves levels to the application
     try:
         with DistributedWorld(DeviceParameters.FSDP(tensor_parallel=2)):
             pass
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     layout = [r.getMessage() for r in records if "world size 4" in r.getMessage()]
     if layout:
         assert "tp                2  [0, 1] [2, 3]" in layout[0]
@@ -355,3 +351,179 @@ def layout_log_lines() -> int:
 
 def test_layout_is_printed_once_by_rank_zero_only():
     assert run_on_ranks(layout_log_lines, 4) == [1, 0, 0, 0]
+
+
+# Teardown and the launcher watch
+
+
+def test_only_torchrun_agent_variables_make_a_supervised_environment():
+    ranks = {"RANK": "0", "WORLD_SIZE": "2"}
+    assert not LaunchEnvironment.detect(ranks).supervised  # e.g. a hand-rolled launcher
+    assert LaunchEnvironment.detect({**ranks, "TORCHELASTIC_RUN_ID": "job"}).supervised
+    assert not LaunchEnvironment.detect({"TORCHELASTIC_RUN_ID": "job"}).supervised  # single
+
+
+def test_parent_watch_reports_a_changed_parent_once(monkeypatch, caplog):
+    import os
+    import threading
+
+    from dream_trainer.world import parent_watch
+
+    died: list[int] = []
+    called = threading.Event()
+
+    def on_death(pid: int) -> None:
+        died.append(pid)
+        called.set()
+
+    watch = parent_watch.ParentWatch(3, interval=0.01, on_parent_death=on_death).start()
+    parent = watch.parent_pid
+    assert parent == os.getppid() and watch.running
+    with caplog.at_level(logging.ERROR, logger="dream_trainer.world"):
+        monkeypatch.setattr(parent_watch.os, "getppid", lambda: parent + 1)
+        assert called.wait(5.0)
+        watch.stop()
+    assert died == [parent] and watch.fired and not watch.running
+    assert any(f"rank 3: the launcher process (pid {parent})" in m for m in caplog.messages)
+
+
+def test_parent_watch_stops_without_firing():
+    from dream_trainer.world.parent_watch import ParentWatch
+
+    watch = ParentWatch(0, interval=0.01, on_parent_death=lambda pid: None).start()
+    time.sleep(0.05)
+    watch.stop()
+    assert not watch.running and not watch.fired
+    watch.stop()  # twice is harmless
+
+
+_ORPHAN = """
+import importlib.util, os, pathlib, signal, sys, time
+
+# Load parent_watch.py by path: it needs only the standard library, and importing the package
+# would import torch (seconds) in this helper.
+spec = importlib.util.spec_from_file_location("parent_watch", sys.argv[3])
+parent_watch = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(parent_watch)
+out = pathlib.Path(sys.argv[2])
+if sys.argv[1] == "handler":
+    def on_term(signum, frame):
+        (out / "cleanup-ran").touch()
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+else:  # SIGTERM ignored: only the os._exit after the grace period ends this process
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+parent_watch.ParentWatch(7, interval=0.1, grace=1.0).start()
+(out / "watching").write_text(str(os.getpid()))
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _running(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a re-parented zombie may wait a while for its reaper
+
+
+@pytest.mark.parametrize("sigterm", ["handler", "ignore"])
+def test_a_process_whose_parent_is_killed_ends_itself(tmp_path, sigterm):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dream_trainer.world.parent_watch as parent_watch
+
+    if not Path("/proc").is_dir():
+        pytest.skip("reads process states from Linux /proc")
+    child = tmp_path / "child.py"
+    child.write_text(_ORPHAN)
+    spawn = "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); time.sleep(60)"
+    args = [sys.executable, str(child), sigterm, str(tmp_path), parent_watch.__file__]
+    with (tmp_path / "child.log").open("w") as log:
+        middle = subprocess.Popen([sys.executable, "-c", spawn, *args], stderr=log)
+    orphan = 0
+    try:
+        deadline = time.monotonic() + 30.0
+        while not (tmp_path / "watching").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        orphan = int((tmp_path / "watching").read_text())
+        middle.kill()
+        middle.wait(5.0)
+        killed = time.monotonic()
+        while _running(orphan) and time.monotonic() - killed < 8.0:
+            time.sleep(0.05)
+        assert not _running(orphan), f"pid {orphan} outlived its parent by 8 s"
+        assert (tmp_path / "cleanup-ran").exists() == (sigterm == "handler")
+        message = f"rank 7: the launcher process (pid {middle.pid}) that started this worker"
+        assert message in (tmp_path / "child.log").read_text()
+    finally:
+        for pid in (middle.pid, orphan):
+            if pid and _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def world_lifecycle_under_torchrun() -> dict[str, object]:
+    import os
+
+    from dream_trainer.world.distributed_world import _registered_groups
+
+    calls: list[str] = []
+    barrier, destroy = dist.barrier, dist.destroy_process_group
+
+    def recording_barrier(*args, **kwargs):
+        calls.append("barrier")
+        return barrier(*args, **kwargs)
+
+    def recording_destroy(group=None):
+        calls.append("WORLD" if group is None else group.group_name)
+        return destroy(group)
+
+    world = DistributedWorld(DeviceParameters.FSDP()).launch()
+    watch = world._parent_watch
+    created = [group.group_name for group in world._created_groups]
+    assert world._created_groups[0] is dist.group.WORLD
+    info: dict[str, object] = {
+        "watching": watch is not None and watch.running,
+        "watched_parent": watch.parent_pid == os.getppid() if watch else None,
+    }
+    dist.barrier, dist.destroy_process_group = recording_barrier, recording_destroy
+    try:
+        world.destroy()
+    finally:
+        dist.barrier, dist.destroy_process_group = barrier, destroy
+    info["watch_stopped"] = watch is None or not watch.running
+    # The world started the default group first (destroyed last, by destroy_process_group()).
+    info["order_ok"] = calls == ["barrier", *reversed(created[1:]), "WORLD"]
+    info["created"] = len(created)
+    info["left"] = (dist.is_initialized(), len(_registered_groups()), world.cpu_group)
+    return info
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("agent", [True, False], ids=["torchrun-agent", "no-agent"])
+def test_own_world_watches_its_launcher_and_destroys_every_group_newest_first(agent):
+    env = {"TORCHELASTIC_RUN_ID": "test-run"} if agent else {}
+    for info in run_with_fresh_ranks(world_lifecycle_under_torchrun, 2, env=env):
+        assert info["watching"] is agent
+        assert info["watched_parent"] is (True if agent else None)
+        assert info["watch_stopped"] and info["order_ok"], info
+        assert info["created"] > 1  # the size-1 mesh dimensions get groups of their own
+        assert info["left"] == (False, 0, None)
+
+
+def adopted_world_starts_no_watch() -> tuple[bool, bool]:
+    world = DistributedWorld(DeviceParameters.DDP()).launch()
+    watching = world._parent_watch is not None
+    world.destroy()
+    return watching, dist.is_initialized()
+
+
+def test_an_adopted_process_group_gets_no_watch_and_survives_destroy():
+    assert run_on_ranks(adopted_world_starts_no_watch, 2) == [(False, True), (False, True)]

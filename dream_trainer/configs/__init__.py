@@ -1,10 +1,13 @@
 """Typed, validated configuration (pydantic v2). Unknown keys are errors; JSON round-trips exactly."""
 
-from dream_trainer.configs.base import ConfigModel, DType, parse_dtype
-from dream_trainer.configs.cli import apply_overrides, parse_overrides
+from dream_trainer.configs.base import ConfigModel, DType
+from dream_trainer.configs.cli import (
+    OverrideError,
+    apply_overrides,
+    config_from_command_line,
+    parse_overrides,
+)
 from dream_trainer.configs.device import (
-    DEGREE_FIELDS,
-    PIPELINE_SCHEDULES,
     CommParameters,
     ContextParallelConfig,
     DeviceParameters,
@@ -20,8 +23,6 @@ from dream_trainer.configs.trainer import (
 from dream_trainer.configs.training import TrainingParameters
 
 __all__ = [
-    "DEGREE_FIELDS",
-    "PIPELINE_SCHEDULES",
     "CommParameters",
     "ConfigModel",
     "ContextParallelConfig",
@@ -31,10 +32,11 @@ __all__ = [
     "LoggerConfigMixin",
     "LoggingParameters",
     "ModelSetupConfigMixin",
+    "OverrideError",
     "PipelineParallelConfig",
     "TrainerConfig",
     "TrainingParameters",
     "apply_overrides",
-    "parse_dtype",
+    "config_from_command_line",
     "parse_overrides",
 ]

@@ -16,14 +16,15 @@ from pydantic import (
 from dream_trainer.configs.base import ConfigModel, DType
 
 
-def _parse_degree(value: Any) -> int | str:
-    if value == "auto":
-        return "auto"
+def _parse_degree(value: Any, symbols: tuple[str, ...] = ("auto",)) -> int | str:
+    if value in symbols:
+        return str(value)
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
-    raise ValueError(f"a degree must be a positive integer or 'auto', got {value!r}")
+    names = " or ".join(repr(s) for s in symbols)
+    raise ValueError(f"a degree must be a positive integer or {names}, got {value!r}")
 
 
 Degree = Annotated[
@@ -32,6 +33,15 @@ Degree = Annotated[
     WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]}),
 ]
 """A parallel degree: a positive int, or ``"auto"`` (whatever the world size leaves over)."""
+
+ShardDegree = Annotated[
+    int | Literal["auto", "node"],
+    BeforeValidator(lambda value: _parse_degree(value, ("auto", "node"))),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"enum": ["auto", "node"]}]}),
+]
+"""The ``dp_shard`` degree: a :data:`Degree`, or ``"node"``: the ranks of one node divided by
+``context_parallel x tensor_parallel``, which sit inside it."""
+
 
 DEGREE_FIELDS = (
     "pipeline_parallel",
@@ -74,13 +84,31 @@ class CommParameters(ConfigModel):
     """Entries kept by NCCL's flight recorder for hang forensics; 0 turns it off."""
 
 
+SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
+"""Schedules that run one stage per rank; the others run ``stages_per_rank`` (2 by default)."""
+V_SHAPED_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+"""Schedules that place stages ``r`` and ``2p - 1 - r`` on rank ``r`` (exactly 2 per rank)."""
+
+
 class PipelineParallelConfig(ConfigModel):
     """Pipeline schedule options (used when ``pipeline_parallel > 1``)."""
 
     num_microbatches: PositiveInt | None = None
-    """Microbatches per batch; ``None`` means one per pipeline stage."""
+    """Microbatches each batch is split into; ``None`` means one per pipeline stage."""
     schedule: str = "1F1B"
-    """A ``torch.distributed.pipelining`` schedule name, e.g. ``1F1B``, ``GPipe``, ``Interleaved1F1B``."""
+    """A ``torch.distributed.pipelining`` schedule name (case-insensitive): GPipe, 1F1B,
+    Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV."""
+    stages_per_rank: PositiveInt | None = None
+    """Stages each rank holds; ``None``: 1 for GPipe and 1F1B, 2 for the other schedules.
+    ZBVZeroBubble and DualPipeV need exactly 2."""
+    split_points: list[list[str]] | None = None
+    """Explicit stages: for each stage, the module names (as in ``named_modules``) it holds, e.g.
+    ``[["tok_embeddings", "layers.0"], ["layers.1", "norm", "output"]]``; ``None`` balances the
+    blocks automatically."""
+    first_stage_weight: float = Field(default=1.0, ge=0)
+    """How many blocks the modules before the blocks (the embedding) count as when balancing."""
+    last_stage_weight: float = Field(default=1.0, ge=0)
+    """How many blocks the modules after the blocks (final norm and head) count as."""
 
     @field_validator("schedule")
     @classmethod
@@ -91,6 +119,28 @@ class PipelineParallelConfig(ConfigModel):
                 f"unknown pipeline schedule {value!r}; use one of: {', '.join(PIPELINE_SCHEDULES)}"
             )
         return by_lower[value.lower()]
+
+    @model_validator(mode="after")
+    def _stages_fit_the_schedule(self) -> PipelineParallelConfig:
+        n = self.stages_per_rank
+        if n is not None and n != 2 and self.schedule in V_SHAPED_SCHEDULES:
+            raise ValueError(
+                f"schedule {self.schedule!r} places exactly 2 stages on each rank (V-shaped), "
+                f"but stages_per_rank={n}; set stages_per_rank=2 or leave it unset"
+            )
+        if n is not None and n > 1 and self.schedule in SINGLE_STAGE_SCHEDULES:
+            raise ValueError(
+                f"schedule {self.schedule!r} runs one stage per rank, but stages_per_rank={n}; "
+                "use Interleaved1F1B, LoopedBFS or InterleavedZeroBubble for several stages "
+                "per rank, or set stages_per_rank=1"
+            )
+        return self
+
+    def resolved_stages_per_rank(self) -> int:
+        """``stages_per_rank``, or the schedule's default when it is unset."""
+        if self.stages_per_rank is not None:
+            return self.stages_per_rank
+        return 1 if self.schedule in SINGLE_STAGE_SCHEDULES else 2
 
 
 class ContextParallelConfig(ConfigModel):
@@ -110,10 +160,15 @@ class DeviceParameters(ConfigModel):
     """
 
     pipeline_parallel: Degree = 1
+    """Pipeline stages the model is split into (outermost mesh dimension)."""
     dp_replicate: Degree = 1
-    dp_shard: Degree = "auto"
+    """Data-parallel replicas holding the whole model (DDP; the outer dimension of HSDP)."""
+    dp_shard: ShardDegree = "auto"
+    """Data-parallel ranks sharding parameters, gradients and optimizer state (FSDP2)."""
     context_parallel: Degree = 1
+    """Ranks splitting each sequence (context parallelism)."""
     tensor_parallel: Degree = 1
+    """Ranks splitting each weight matrix (tensor parallelism, innermost mesh dimension)."""
 
     param_dtype: DType | None = None
     """Dtype of parameters in forward/backward (FSDP mixed precision); ``None`` keeps their dtype."""
@@ -126,6 +181,9 @@ class DeviceParameters(ConfigModel):
     first (``False``: keep every module's until backward)."""
     compile_model: bool = False
     """Run the ``apply_compile`` hook (``torch.compile``)."""
+    compile_backend: str = "inductor"
+    """``torch.compile`` backend of the default ``apply_compile``; ``aot_eager`` traces and
+    differentiates the same graphs without generating code (quick to compile, for debugging)."""
     checkpoint_activations: bool = False
     """Run the ``apply_activation_checkpointing`` hook."""
     loss_parallel: bool = False
@@ -161,7 +219,7 @@ class DeviceParameters(ConfigModel):
             )
         return self
 
-    def degrees(self) -> dict[str, int | Literal["auto"]]:
+    def degrees(self) -> dict[str, int | Literal["auto", "node"]]:
         """The five degrees by field name, in mesh order."""
         return {name: getattr(self, name) for name in DEGREE_FIELDS}
 
@@ -213,7 +271,7 @@ class DeviceParameters(ConfigModel):
     @classmethod
     def HSDP(
         cls,
-        dp_shard: int,
+        dp_shard: int | Literal["node"] = "node",
         dp_replicate: int | Literal["auto"] = "auto",
         tensor_parallel: int | Literal["auto"] = 1,
         compile_model: bool = False,
@@ -221,7 +279,11 @@ class DeviceParameters(ConfigModel):
         checkpoint_activations: bool = False,
         **kwargs: Any,
     ) -> DeviceParameters:
-        """Shard within groups of ``dp_shard`` ranks, replicate across groups."""
+        """Shard within groups of ``dp_shard`` ranks, replicate across groups.
+
+        The default ``dp_shard="node"`` shards over the ranks of one node (less the
+        tensor- and context-parallel ranks inside it) and replicates across nodes.
+        """
         defaults: dict[str, Any] = {name: 1 for name in DEGREE_FIELDS}
         options = dict(
             dp_shard=dp_shard,

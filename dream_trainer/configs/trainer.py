@@ -19,7 +19,11 @@ class TrainerConfig(ConfigModel):
     seed: int = 0
     """Seeds torch's RNG before weights are initialized and before training starts."""
     run_dir: str = "runs"
-    """Logs and checkpoints go under ``{run_dir}/{project}/{experiment}``."""
+    """Each run writes its config, logs and checkpoints to ``{run_dir}/{project}/{experiment}/
+    {run_id}``; ``{run_dir}/{project}/{experiment}/latest`` points at the newest."""
+    run_id: str | None = None
+    """Name of this run's directory; ``None``: torchrun's run id (kept across restarts) when it
+    sets one, else a UTC timestamp with a random suffix, chosen on rank 0."""
     device_parameters: DeviceParameters = Field(default_factory=DeviceParameters)
     training_parameters: TrainingParameters = Field(default_factory=TrainingParameters)
 
@@ -46,8 +50,9 @@ class LoggingParameters(ConfigModel):
     backends: list[MetricBackend] = Field(default_factory=lambda: list(DEFAULT_BACKENDS))
     """Where rank 0 sends metrics: the console, ``{run_dir}/{project}/{experiment}/metrics.jsonl``,
     and/or wandb."""
-    wandb_mode: Literal["online", "offline", "disabled"] = "online"
-    """wandb's mode; ``offline`` writes runs locally for a later ``wandb sync``."""
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """wandb's mode; ``offline`` writes runs locally for a later ``wandb sync``. ``None``: the
+    ``WANDB_MODE`` environment variable decides, else ``online``."""
 
 
 class LoggerConfigMixin(ConfigModel):

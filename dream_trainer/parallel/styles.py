@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import style as torch_styles
 from torch.distributed.tensor.parallel.style import (
     ColwiseParallel,
@@ -127,12 +127,19 @@ class _ComposedStyle(ParallelStyle):
 
 
 def colwise_parallel(
+    module: nn.Module | None = None,
+    /,
     *,
     input_layouts: Placement | None = None,
     output_layouts: Placement | None = None,
     use_local_output: bool = True,
 ) -> StyleConstructor:
-    """Shard a Linear/Embedding column-wise (weight ``Shard(0)``); float8-aware."""
+    """Shard a Linear/Embedding column-wise (weight ``Shard(0)``); float8-aware.
+
+    ``module``, the plan's target, may be passed first as fsdp2-utils does; the style is
+    chosen from the target the plan entry resolves to either way.
+    """
+    _check_module_argument("colwise_parallel", module)
     kwargs: dict[str, Any] = dict(
         input_layouts=input_layouts,
         output_layouts=output_layouts,
@@ -148,12 +155,15 @@ def colwise_parallel(
 
 
 def rowwise_parallel(
+    module: nn.Module | None = None,
+    /,
     *,
     input_layouts: Placement | None = None,
     output_layouts: Placement | None = None,
     use_local_output: bool = True,
 ) -> StyleConstructor:
     """Shard a Linear row-wise (weight ``Shard(1)``) or an Embedding on vocab; float8-aware."""
+    _check_module_argument("rowwise_parallel", module)
     kwargs: dict[str, Any] = dict(
         input_layouts=input_layouts,
         output_layouts=output_layouts,
@@ -168,17 +178,59 @@ def rowwise_parallel(
     return _ModuleStyleConstructor("rowwise_parallel", build, kwargs)
 
 
-def sequence_parallel(*, sequence_dim: int = 1, use_local_output: bool = False) -> StyleConstructor:
-    """Run a norm/dropout on sequence shards with replicated parameters."""
-    kwargs: dict[str, Any] = dict(sequence_dim=sequence_dim, use_local_output=use_local_output)
+def sequence_parallel(
+    module: nn.Module | None = None,
+    /,
+    *,
+    sequence_dim: int = 1,
+    input_layouts: Layouts = None,
+    output_layouts: Layouts = None,
+    use_local_output: bool = False,
+) -> StyleConstructor:
+    """Run a norm/dropout on sequence shards with replicated parameters.
+
+    The input is taken as sharded on ``sequence_dim`` unless ``input_layouts`` says how it
+    arrives (it is then redistributed to the sequence shards); ``output_layouts``
+    redistributes the output afterwards.
+    """
+    _check_module_argument("sequence_parallel", module)
+    kwargs: dict[str, Any] = dict(
+        sequence_dim=sequence_dim,
+        input_layouts=input_layouts,
+        output_layouts=output_layouts,
+        use_local_output=use_local_output,
+    )
+    sharded = Shard(sequence_dim)
 
     def build(module: nn.Module) -> ParallelStyle:
-        return SequenceParallel(**kwargs)
+        if input_layouts is None and output_layouts is None:
+            return SequenceParallel(sequence_dim=sequence_dim, use_local_output=use_local_output)
+        styles: list[ParallelStyle] = []
+        if input_layouts is not None:
+            styles.append(
+                PrepareModuleInput(
+                    input_layouts=input_layouts,
+                    desired_input_layouts=_like(input_layouts, sharded),
+                    use_local_output=False,
+                )
+            )
+        styles.append(SequenceParallel(sequence_dim=sequence_dim, use_local_output=False))
+        if output_layouts is not None:
+            styles.append(
+                PrepareModuleOutput(
+                    output_layouts=_like(output_layouts, sharded),  # type: ignore[arg-type]
+                    desired_output_layouts=output_layouts,  # type: ignore[arg-type]
+                    use_local_output=use_local_output,
+                )
+            )
+        return _ComposedStyle(*styles)
 
     return _ModuleStyleConstructor("sequence_parallel", build, kwargs)
 
 
 def prepare_module_input(
+    module: nn.Module | None = None,
+    /,
     *,
     input_layouts: Layouts = None,
     desired_input_layouts: Layouts = None,
@@ -187,6 +239,7 @@ def prepare_module_input(
     use_local_output: bool = False,
 ) -> StyleConstructor:
     """Redistribute a module's inputs; casts to float8 first if it feeds a Float8Linear."""
+    _check_module_argument("prepare_module_input", module)
     kwargs: dict[str, Any] = dict(
         input_layouts=input_layouts,
         desired_input_layouts=desired_input_layouts,
@@ -200,12 +253,15 @@ def prepare_module_input(
 
 
 def prepare_module_output(
+    module: nn.Module | None = None,
+    /,
     *,
     output_layouts: Layouts,
     desired_output_layouts: Layouts,
     use_local_output: bool = True,
 ) -> StyleConstructor:
     """Redistribute a module's outputs from ``output_layouts`` to ``desired_output_layouts``."""
+    _check_module_argument("prepare_module_output", module)
     kwargs: dict[str, Any] = dict(
         output_layouts=output_layouts,
         desired_output_layouts=desired_output_layouts,
@@ -219,17 +275,37 @@ def prepare_module_output(
 
 
 def prepare_module(
+    module: nn.Module | None = None,
+    /,
     *,
     input_layouts: Layouts = None,
     desired_input_layouts: Layouts = None,
     input_kwarg_layouts: dict[str, Placement] | None = None,
     desired_input_kwarg_layouts: dict[str, Placement] | None = None,
-    use_local_input: bool = False,
+    use_local_input: bool | None = None,
     output_layouts: Layouts = None,
     desired_output_layouts: Layouts = None,
-    use_local_output: bool = True,
+    use_local_output: bool | None = None,
+    use_local_output_for_input: bool | None = None,
+    use_local_output_for_output: bool | None = None,
 ) -> StyleConstructor:
-    """Redistribute both the inputs and the outputs of a module (PrepareModuleInputOutput)."""
+    """Redistribute both the inputs and the outputs of a module (PrepareModuleInputOutput).
+
+    ``use_local_input`` (default False) and ``use_local_output`` (default True) may also be
+    spelled ``use_local_output_for_input`` / ``use_local_output_for_output``, as in fsdp2-utils.
+    """
+    _check_module_argument("prepare_module", module)
+    use_local_input = _one_of(
+        "use_local_input", use_local_input, "use_local_output_for_input", use_local_output_for_input
+    )
+    use_local_output = _one_of(
+        "use_local_output",
+        use_local_output,
+        "use_local_output_for_output",
+        use_local_output_for_output,
+    )
+    use_local_input = False if use_local_input is None else use_local_input
+    use_local_output = True if use_local_output is None else use_local_output
     if output_layouts is None or desired_output_layouts is None:
         raise ValueError(
             "prepare_module needs both output_layouts and desired_output_layouts, got "
@@ -262,8 +338,15 @@ def prepare_module(
     return _ModuleStyleConstructor("prepare_module", build, kwargs)
 
 
-def parameter_parallel(placements: Sequence[Placement] | Placement) -> ParameterStyle:
-    """Distribute a bare ``nn.Parameter`` attribute with ``placements`` (one per mesh dim)."""
+def parameter_parallel(
+    placements: Sequence[Placement] | Placement | None = None,
+) -> ParameterStyle:
+    """Distribute a bare ``nn.Parameter`` attribute with ``placements`` (one per mesh dim).
+
+    Without placements the parameter is replicated (``Replicate()``), as in fsdp2-utils.
+    """
+    if placements is None:
+        placements = Replicate()
     if isinstance(placements, Placement):
         placements = (placements,)
     placements = tuple(placements)
@@ -274,6 +357,31 @@ def parameter_parallel(placements: Sequence[Placement] | Placement) -> Parameter
             f"[Shard(0)], got {placements!r}."
         )
     return ParameterStyle(placements)
+
+
+def _check_module_argument(helper: str, module: object) -> None:
+    if module is not None and not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{helper}() takes the module it targets as its only positional argument (as in "
+            f"{helper}(self.attention.wq)), got a {type(module).__name__}; pass layouts as "
+            "keywords, e.g. input_layouts=Shard(1)"
+        )
+
+
+def _one_of(name: str, value: bool | None, alias: str, alias_value: bool | None) -> bool | None:
+    if value is not None and alias_value is not None and value != alias_value:
+        raise ValueError(
+            f"prepare_module got {name}={value} and {alias}={alias_value}; they are the same "
+            "option, so pass only one of them"
+        )
+    return value if value is not None else alias_value
+
+
+def _like(layouts: Layouts, placement: Placement) -> Layouts:
+    """``placement`` in the shape of ``layouts`` (one entry per input/output, None kept)."""
+    if isinstance(layouts, tuple):
+        return tuple(None if p is None else placement for p in layouts)
+    return placement
 
 
 def _input_style(module: nn.Module, kwargs: dict[str, Any]) -> ParallelStyle:

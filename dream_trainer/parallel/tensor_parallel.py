@@ -11,7 +11,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from dream_trainer.parallel.fully_shard import post_order
-from dream_trainer.parallel.protocols import has_parallel_plan, unwrap_compiled
+from dream_trainer.parallel.protocols import has_parallel_plan, plan_method, unwrap_compiled
 from dream_trainer.parallel.styles import ParameterStyle
 
 __all__ = ["PlanKeyError", "apply_tensor_parallel", "resolve_plan_key"]
@@ -30,62 +30,77 @@ class PlanKeyError(KeyError):
 def apply_tensor_parallel(
     module: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool = False
 ) -> nn.Module:
-    """Apply every ``parallelize_plan`` in the tree to ``tp_mesh``, children before parents.
+    """Apply every plan in the tree (``parallelize_plan`` / ``parallel_plan``) to ``tp_mesh``.
 
-    Module entries are applied with torch's ``parallelize_module``; bare-parameter entries
-    (``parameter_parallel``) replace the parameter with an ``nn.Parameter(DTensor)``.
-    ``loss_parallel`` is passed to each plan so the output projection can keep its logits
-    sharded on the vocabulary dimension. Returns ``module`` (the same object).
+    Plans are applied children before parents. Module entries go through torch's
+    ``parallelize_module``; bare-parameter entries (``parameter_parallel``) replace the
+    parameter with an ``nn.Parameter(DTensor)``. ``loss_parallel`` is passed to each plan so
+    the output projection can keep its logits sharded on the vocabulary dimension. Every key
+    of every plan is resolved before anything is changed. Returns ``module`` (the same object).
     """
     if tp_mesh.ndim != 1:
         raise ValueError(
             f"apply_tensor_parallel needs a 1-D tensor-parallel mesh, got a {tp_mesh.ndim}-D "
             f"mesh with dims {tp_mesh.mesh_dim_names}; pass the tp slice, e.g. mesh['tp']."
         )
-    for owner in list(post_order(module)):
-        if has_parallel_plan(owner):
-            _apply_plan(owner, _get_plan(owner, loss_parallel), tp_mesh)
+    plans = [
+        (owner, plan)
+        for owner in list(post_order(module))
+        if has_parallel_plan(owner)
+        for plan in _get_plans(owner, loss_parallel)
+    ]
+    resolved = [(owner, _resolve_plan(owner, plan)) for owner, plan in plans]
+    for owner, entries in resolved:
+        _apply_plan(owner, entries, tp_mesh)
     return module
 
 
-def _get_plan(owner: nn.Module, loss_parallel: bool) -> dict[str, Any]:
-    plan = owner.parallelize_plan(loss_parallel)  # type: ignore[operator]
-    name = type(owner).__name__
-    if not isinstance(plan, dict):
-        raise TypeError(
-            f"{name}.parallelize_plan(loss_parallel={loss_parallel}) returned a "
-            f"{type(plan).__name__}, but a plan must be a dict mapping submodule or parameter "
-            "names to style constructors, e.g. {'wq': colwise_parallel()}; return a dict "
-            "(an empty dict for no tensor parallelism)."
-        )
-    for key, value in plan.items():
-        if not isinstance(key, str):
+def _get_plans(owner: nn.Module, loss_parallel: bool) -> list[dict[str, Any]]:
+    """The plan dicts of ``owner``, in application order (a plan may be a tuple of dicts)."""
+    method = plan_method(owner)
+    plan = method(loss_parallel)
+    where = f"{type(owner).__name__}.{method.__name__}(loss_parallel={loss_parallel})"
+    parts = list(plan) if isinstance(plan, (tuple, list)) else [plan]
+    for part in parts:
+        if not isinstance(part, dict):
             raise TypeError(
-                f"{name}.parallelize_plan() has the key {key!r} of type {type(key).__name__}; "
-                "plan keys must be strings naming a submodule or parameter ('' for the module)."
+                f"{where} returned a {type(plan).__name__}, but a plan must be a dict (or a tuple "
+                "of dicts) mapping submodule or parameter names to style constructors, e.g. "
+                "{'wq': colwise_parallel()}; return a dict (an empty dict for no tensor "
+                "parallelism)."
             )
-        if not (isinstance(value, ParallelStyle) or callable(value)):
-            raise TypeError(
-                f"{name}.parallelize_plan() maps {key!r} to a {type(value).__name__}; values "
-                "must be style constructors such as colwise_parallel() or parameter_parallel()."
-            )
-    return plan
+        for key, value in part.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"{where} has the key {key!r} of type {type(key).__name__}; plan keys must "
+                    "be strings naming a submodule or parameter ('' for the module)."
+                )
+            if not (isinstance(value, ParallelStyle) or callable(value)):
+                raise TypeError(
+                    f"{where} maps {key!r} to a {type(value).__name__}; values must be style "
+                    "constructors such as colwise_parallel() or parameter_parallel()."
+                )
+    return parts
 
 
-def _apply_plan(owner: nn.Module, plan: dict[str, Any], tp_mesh: DeviceMesh) -> None:
-    # Resolve every key first so a typo fails before the model is partly parallelized.
-    resolved = [
-        (key, constructor, resolve_plan_key(owner, key)) for key, constructor in plan.items()
-    ]
+def _resolve_plan(
+    owner: nn.Module, plan: dict[str, Any]
+) -> list[tuple[str, Any, list[tuple[str, nn.Module, str | None]]]]:
+    return [(key, constructor, resolve_plan_key(owner, key)) for key, constructor in plan.items()]
+
+
+def _apply_plan(
+    owner: nn.Module,
+    resolved: list[tuple[str, Any, list[tuple[str, nn.Module, str | None]]]],
+    tp_mesh: DeviceMesh,
+) -> None:
     for key, constructor, targets in resolved:
         for qualified_name, parent, attr in targets:
             target: nn.Module | nn.Parameter = (
                 parent if attr is None else parent._parameters[attr]  # type: ignore[assignment]
             )
             style = constructor if isinstance(constructor, ParallelStyle) else constructor(target)
-            where = (
-                f"{type(owner).__name__}.parallelize_plan()[{key!r}] (target {qualified_name!r})"
-            )
+            where = f"{_plan_name(owner)}[{key!r}] (target {qualified_name!r})"
             if isinstance(target, nn.Parameter):
                 if not isinstance(style, ParameterStyle):
                     raise TypeError(
@@ -109,8 +124,9 @@ def resolve_plan_key(owner: nn.Module, key: str) -> list[tuple[str, nn.Module, s
 
     Returns ``(qualified_name, module, None)`` for module targets and
     ``(qualified_name, owning_module, parameter_name)`` for bare-parameter targets.
-    Compile wrappers along the path are looked through. Raises :class:`PlanKeyError` naming the
-    available children when a path segment matches nothing.
+    Compile wrappers along the path are looked through. A key naming a module this pipeline
+    stage does not hold (left ``None`` or removed by the split) resolves to nothing. Raises
+    :class:`PlanKeyError` naming the available children when a path segment matches nothing.
     """
     if key == "":
         return [("", owner, None)]
@@ -129,11 +145,24 @@ def resolve_plan_key(owner: nn.Module, key: str) -> list[tuple[str, nn.Module, s
                     if _matches(param_name, segment):
                         matched.append((_join(prefix, param_name), module, param_name))
         if not matched:
+            if all(_left_on_another_stage(unwrap_compiled(m), segment) for _, m in current):
+                return []
             raise PlanKeyError(_unknown_key_message(owner, key, current, segment, is_last))
         if is_last:
             return matched
         current = [(name, mod) for name, mod, attr in matched if attr is None]
     raise AssertionError("unreachable: the loop returns on the last segment")
+
+
+def _left_on_another_stage(module: nn.Module, name: str) -> bool:
+    # Set by dream_trainer.parallel.pipeline.split_model on what it removes from a stage.
+    return (name in module._modules and module._modules[name] is None) or name in getattr(
+        module, "pruned_names", ()
+    )
+
+
+def _plan_name(owner: nn.Module) -> str:
+    return f"{type(owner).__name__}.{plan_method(owner).__name__}()"
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -165,7 +194,7 @@ def _unknown_key_message(
     if is_last:
         available += f"; bare parameters: {params}"
     return (
-        f"{type(owner).__name__}.parallelize_plan() has the key {key!r}, but no {kinds} of "
+        f"{_plan_name(owner)} has the key {key!r}, but no {kinds} of "
         f"{where} matches {segment!r} ({available}). Fix the key to name an existing "
         "submodule or parameter, relative to the module that returns the plan."
     )

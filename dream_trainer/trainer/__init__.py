@@ -1,7 +1,7 @@
 """The trainer: BaseTrainer (loop), setup mixins, callbacks, and DreamTrainer."""
 
 from dream_trainer.trainer.base import BaseTrainer
-from dream_trainer.trainer.callback import HOOKS, Callback, CallbackCollection
+from dream_trainer.trainer.callback import Callback
 from dream_trainer.trainer.dream_trainer import DreamTrainer
 from dream_trainer.trainer.mixins import (
     DataLoaderSetupMixin,
@@ -14,10 +14,8 @@ from dream_trainer.trainer.mixins import (
 from dream_trainer.trainer.stepping import NonFiniteGradientError
 
 __all__ = [
-    "HOOKS",
     "BaseTrainer",
     "Callback",
-    "CallbackCollection",
     "DataLoaderSetupMixin",
     "DreamTrainer",
     "EvalMetricMixin",

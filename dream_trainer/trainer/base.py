@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,11 +13,18 @@ from torch import nn
 
 from dream_trainer.configs import TrainerConfig
 from dream_trainer.trainer.callback import Callback, CallbackCollection
+from dream_trainer.trainer.console_logging import ensure_console_logging
+from dream_trainer.trainer.forward_backward import ForwardBackward
 from dream_trainer.trainer.reduce import (
     as_scalar_tensor,
     infer_batch_size,
     move_to_device,
     weighted_mean_across,
+)
+from dream_trainer.trainer.run_directory import (
+    agree_on_run_id,
+    create_run_directory,
+    experiment_dir,
 )
 from dream_trainer.trainer.stepping import GradientStepping
 from dream_trainer.world import DistributedWorld
@@ -24,7 +32,7 @@ from dream_trainer.world import DistributedWorld
 logger = logging.getLogger("dream_trainer.trainer")
 
 
-class BaseTrainer(GradientStepping):
+class BaseTrainer(GradientStepping, ForwardBackward):
     """The loop and nothing else: no metrics library, no logger service.
 
     Subclasses (usually through the setup mixins) provide models, optimizers and dataloaders;
@@ -50,6 +58,7 @@ class BaseTrainer(GradientStepping):
         self.val_dataloader: Iterable[Any] | None = None
         self.validation_results: dict[str, float] = {}
         self.last_train_metrics: dict[str, float] = {}
+        self.run_id: str | None = None
         self._init_stepping()
 
     # Hooks for users
@@ -77,6 +86,10 @@ class BaseTrainer(GradientStepping):
 
     def named_models(self) -> dict[str, nn.Module]:
         return {}
+
+    def model_parts(self) -> dict[str, list[nn.Module]]:
+        """Each model as the parts this rank runs (several under pipeline parallelism)."""
+        return {name: [model] for name, model in self.named_models().items()}
 
     def named_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {}
@@ -107,13 +120,31 @@ class BaseTrainer(GradientStepping):
             )
         return self.world.device
 
+    @property
+    def run_dir(self) -> Path:
+        """``{run_dir}/{project}/{experiment}/{run_id}``: this run's files (config, metrics)."""
+        if self.run_id is None:
+            raise RuntimeError(
+                "the run directory is chosen when fit() launches the world; read run_dir from "
+                "post_launch or later"
+            )
+        return experiment_dir(self.config) / self.run_id
+
     # Life of a run
+
+    def _open_run_directory(self) -> None:
+        self.run_id = agree_on_run_id(self.config, self.world.cpu_group)
+        if self.world.is_global_zero:
+            create_run_directory(self.config, self.run_id)
+            logger.info("run directory %s", self.run_dir)
 
     def fit(self) -> None:
         """Launch, configure, set up, train (with validation), and tear down."""
         try:
+            ensure_console_logging()
             self.callbacks.pre_launch()
             self.world.launch()
+            self._open_run_directory()
             self.callbacks.post_launch()
             torch.manual_seed(self.config.seed)
             self.callbacks.pre_configure()
@@ -304,16 +335,20 @@ def agreed_batches(
     if local is not None:
         if limit is not None:
             local = min(local, limit)
-        agreed = torch.tensor([local])
+        lengths = [local]
         if group is not None:
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
-        total = int(agreed.item()) // multiple_of * multiple_of
+            gathered = [torch.zeros(1, dtype=torch.int64) for _ in range(world.world_size)]
+            dist.all_gather(gathered, torch.tensor([local]), group=group)
+            lengths = [int(t.item()) for t in gathered]
+        smallest = min(lengths)
+        total = smallest // multiple_of * multiple_of
         if total == 0 and local > 0 and what == "training":
             raise RuntimeError(
-                f"the {what} dataloader yields {int(agreed.item())} batches on the smallest "
+                f"the {what} dataloader yields {smallest} batches on the smallest "
                 f"rank, fewer than gradient_accumulation_steps={multiple_of}; make batches "
                 "smaller or lower gradient_accumulation_steps"
             )
+        _warn_about_uneven_shares(what, lengths, total, world.rank)
         iterator = iter(loader)
         for index in range(total):
             yield index, next(iterator)
@@ -345,3 +380,38 @@ def agreed_batches(
 
 
 _END = object()
+
+
+def _warn_about_uneven_shares(what: str, lengths: list[int], used: int, rank: int) -> None:
+    """Say (once, from rank 0) when ranks have no batches or some drop batches to stay in step."""
+    if rank != 0:
+        return
+    empty = [r for r, n in enumerate(lengths) if n == 0]
+    if empty:
+        logger.warning(
+            "the %s dataloader yields 0 batches on rank(s) %s (batches per rank: %s), so %s "
+            "runs no steps; give every data-parallel rank at least one batch (a larger dataset, "
+            "smaller batches or fewer ranks)",
+            what,
+            empty,
+            lengths,
+            what,
+        )
+    elif min(lengths) == max(lengths) > used:
+        logger.warning(
+            "the %s dataloader yields %d batches per rank; the last %d do not fill a whole "
+            "accumulation group and are skipped this pass",
+            what,
+            lengths[0],
+            lengths[0] - used,
+        )
+    elif max(lengths) > used:
+        dropped = {r: n - used for r, n in enumerate(lengths) if n > used}
+        logger.warning(
+            "the %s dataloader yields different numbers of batches per rank (%s); every rank "
+            "runs %d so none waits in a collective, dropping %s batches (rank: count) this pass",
+            what,
+            lengths,
+            used,
+            dropped,
+        )

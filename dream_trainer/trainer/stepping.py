@@ -31,13 +31,13 @@ class NonFiniteGradientError(RuntimeError):
     """The total gradient norm was NaN or infinite."""
 
 
-def gradient_sync_switches(models: dict[str, nn.Module]) -> list[Callable[[bool], None]]:
+def gradient_sync_switches(parts: dict[str, list[nn.Module]]) -> list[Callable[[bool], None]]:
     """Functions that turn data-parallel gradient reduction on or off, one per wrapper.
 
     Found once, so switching on every micro-batch does not walk the module tree.
     """
     switches: list[Callable[[bool], None]] = []
-    for model in models.values():
+    for model in (part for model_parts in parts.values() for part in model_parts):
         if isinstance(model, FSDPModule):
             switches.append(model.set_requires_gradient_sync)
         elif isinstance(model, nn.parallel.DistributedDataParallel):
@@ -67,6 +67,9 @@ class GradientStepping:
         raise NotImplementedError
 
     def named_models(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def model_parts(self) -> dict[str, list[nn.Module]]:
         raise NotImplementedError
 
     def named_schedulers(self) -> dict[str, Any]:
@@ -100,6 +103,23 @@ class GradientStepping:
         uneven micro-batches weigh every token equally. Gradient sync is suppressed on all but
         the last micro-batch of each group.
         """
+        self._note_tokens(num_tokens)
+        if num_tokens is not None:
+            scaled = loss
+        else:
+            scaled = loss / self.config.training_parameters.gradient_accumulation_steps
+        sync = not self.is_accumulating_gradients
+        if sync != self._grad_sync_enabled:
+            if self._sync_switches is None:
+                self._sync_switches = gradient_sync_switches(self.model_parts())
+            for switch in self._sync_switches:
+                switch(sync)
+            self._grad_sync_enabled = sync
+        with self.loss_parallel():
+            scaled.backward()
+
+    def _note_tokens(self, num_tokens: Any) -> None:
+        """Record this micro-batch's token count (token-normalized mode) or that there is none."""
         token_mode = num_tokens is not None
         if self._token_mode is not None and self._token_mode != token_mode:
             raise ValueError(
@@ -110,18 +130,6 @@ class GradientStepping:
         if token_mode:
             count = torch.as_tensor(num_tokens, dtype=torch.float32, device=self.device).reshape(())
             self._step_tokens = count if self._step_tokens is None else self._step_tokens + count
-            scaled = loss
-        else:
-            scaled = loss / self.config.training_parameters.gradient_accumulation_steps
-        sync = not self.is_accumulating_gradients
-        if sync != self._grad_sync_enabled:
-            if self._sync_switches is None:
-                self._sync_switches = gradient_sync_switches(self.named_models())
-            for switch in self._sync_switches:
-                switch(sync)
-            self._grad_sync_enabled = sync
-        with self.loss_parallel():
-            scaled.backward()
 
     @contextmanager
     def loss_parallel(self) -> Iterator[None]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime
-import inspect
 import logging
 import os
+import sys
+import time
 import warnings
 from types import TracebackType
 from typing import Any
@@ -17,12 +18,12 @@ from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     MixedPrecisionPolicy,
     OffloadPolicy,
-    fully_shard,
 )
 
 from dream_trainer.configs import DeviceParameters
 from dream_trainer.world.environment import LaunchEnvironment
 from dream_trainer.world.layout import FLATTENED_DIMS, MESH_DIMS, MeshLayout
+from dream_trainer.world.parent_watch import ParentWatch
 
 logger = logging.getLogger("dream_trainer.world")
 
@@ -70,6 +71,17 @@ def clear_dtensor_caches() -> None:
         planner_clear()
 
 
+def forget_compiled_graphs() -> None:
+    """Drop torch.compile's cached graphs, which name the process groups of their collectives.
+
+    A second world in the same process builds new groups under new names; a graph cached by
+    the first would call collectives on groups that no longer exist ("Could not resolve the
+    process group registered under the name ..."), since dynamo's guards do not check them.
+    """
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
+
+
 def backend_for(device: torch.device) -> str:
     """gloo on CPU, NCCL on CUDA, torch's default backend for any other accelerator."""
     if device.type == "cpu":
@@ -106,6 +118,8 @@ class DistributedWorld:
         self._launched = False
         self._meshes: dict[str, DeviceMesh] = {}
         self.cpu_group: Any = None
+        self._created_groups: list[Any] = []
+        self._parent_watch: ParentWatch | None = None
 
     # Lifecycle
 
@@ -115,13 +129,18 @@ class DistributedWorld:
             return self
         env = self._environment or LaunchEnvironment.detect()
         self.environment = env
-        self.layout = MeshLayout.resolve(self.device_parameters, env.world_size)
+        self.layout = MeshLayout.resolve(
+            self.device_parameters, env.world_size, ranks_per_node=env.local_world_size
+        )
         self.device = pick_device(env.local_rank, self._requested_device)
         self._check_options()
         if self.device.type != "cpu":
             torch.get_device_module(self.device.type).set_device(self.device)
 
+        groups_before = set(_registered_groups())
         if not dist.is_initialized():
+            # Before the rendezvous: a launcher that dies then would leave us waiting on its store.
+            self._start_parent_watch(env)
             self._init_process_group(env)
         elif dist.get_world_size() != env.world_size:
             raise RuntimeError(
@@ -133,6 +152,7 @@ class DistributedWorld:
         self.cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
         clear_dtensor_caches()
         self._build_meshes()
+        self._created_groups = [g for g in _registered_groups() if g not in groups_before]
         self._launched = True
         if self.is_global_zero:
             logger.info(
@@ -146,18 +166,37 @@ class DistributedWorld:
         return self
 
     def destroy(self, *, abort: bool = False) -> None:
-        """Tear down what :meth:`launch` started. ``abort`` skips waiting on peers (after an error)."""
+        """Tear down what :meth:`launch` started. ``abort`` skips waiting on peers (after an error).
+
+        A process group this world started is destroyed with every group the world created
+        (mesh groups, the CPU group), newest first, after a barrier so that no rank closes a
+        group a peer still uses. A process group made by someone else is left as it was.
+        """
+        if self._parent_watch is not None:
+            self._parent_watch.stop()
+            self._parent_watch = None
         self._meshes.clear()
         self._launched = False
+        created, self._created_groups = self._created_groups, []
+        cpu_group, self.cpu_group = self.cpu_group, None
         clear_dtensor_caches()
+        forget_compiled_graphs()
         if not (self._owns_process_group and dist.is_initialized()):
             return
         self._owns_process_group = False
         abort_fn = getattr(dist.distributed_c10d, "_abort_process_group", None)
         if abort and abort_fn is not None and dist.get_backend() == "nccl":
             abort_fn()
-        else:
-            dist.destroy_process_group()
+            return
+        if not abort:
+            self._barrier_before_destroy(cpu_group)
+        registered = set(_registered_groups())
+        for group in reversed(created):
+            if group in registered and group is not dist.group.WORLD:
+                dist.destroy_process_group(group)
+        dist.destroy_process_group()
+        if self.world_size > 1:  # one rank: the trainer runs no collective to wait for
+            _let_gloo_workers_settle()
 
     def __enter__(self) -> DistributedWorld:
         return self.launch()
@@ -200,8 +239,35 @@ class DistributedWorld:
         dist.init_process_group(**kwargs)
         self._owns_process_group = True
 
+    def _start_parent_watch(self, env: LaunchEnvironment) -> None:
+        # Only under a launcher that supervises us (torchrun's agent): a plain python run has
+        # nobody to outlive, and a process group made by someone else is their business.
+        if env.supervised:
+            self._parent_watch = ParentWatch(env.rank).start()
+
+    def _barrier_before_destroy(self, cpu_group: Any) -> None:
+        if self.device.type != "cpu":
+            synchronize = getattr(torch.get_device_module(self.device.type), "synchronize", None)
+            if synchronize is not None:
+                synchronize()
+        try:
+            dist.barrier(group=cpu_group)
+        except Exception as error:  # a peer that already failed: destroy our side regardless
+            logger.warning(
+                "rank %d: the barrier before destroying the process groups failed (%s); "
+                "destroying them anyway",
+                self.rank,
+                error,
+            )
+
     def _check_options(self) -> None:
         params = self.device_parameters
+        if params.loss_parallel and self.layout.tp == 1 and self.environment.rank == 0:
+            logger.warning(
+                "loss_parallel=True has no effect without tensor parallelism (tensor_parallel "
+                "is 1): the loss is computed on full logits. Set tensor_parallel > 1 or "
+                "loss_parallel=False."
+            )
         if params.async_tensor_parallel:
             problems = []
             if self.layout.tp == 1:
@@ -248,7 +314,12 @@ class DistributedWorld:
 
     @property
     def fsdp_config(self) -> dict[str, Any]:
-        """Keyword arguments for ``fully_shard``: mesh, mixed precision, offload, resharding."""
+        """Keyword arguments for ``fully_shard``: ``mesh``, ``mp_policy`` and ``offload_policy``.
+
+        ``reshard_after_forward`` is left out so a call may pass its own; the trainer applies
+        ``DeviceParameters.reshard_after_forward`` (and ``False`` under pipeline parallelism)
+        to every FSDP module after ``apply_fully_shard`` has run.
+        """
         params = self.device_parameters
         mesh = self._meshes["hsdp"] if "hsdp" in self._meshes else self.get_mesh("dp_shard_cp")
         offload: OffloadPolicy = OffloadPolicy()
@@ -261,7 +332,6 @@ class DistributedWorld:
                 param_dtype=params.param_dtype, reduce_dtype=params.reduce_dtype
             ),
             "offload_policy": offload,
-            "reshard_after_forward": _reshard_after_forward(params.reshard_after_forward),
         }
 
     # Facts about this rank
@@ -328,17 +398,29 @@ class DistributedWorld:
         return self.layout.size("dp_shard_cp") > 1
 
 
-_FSDP_ROOT_AWARE_DEFAULT = (
-    inspect.signature(fully_shard).parameters["reshard_after_forward"].default is None
-)
+_GLOO_SETTLE_SECONDS = 0.05
 
 
-def _reshard_after_forward(reshard: bool) -> bool | None:
-    # fully_shard's None means "reshard every module but the root": the root's parameters are
-    # needed again as soon as backward starts, so resharding them only adds an all-gather.
-    if reshard and _FSDP_ROOT_AWARE_DEFAULT:
-        return None
-    return reshard
+def _let_gloo_workers_settle() -> None:
+    """Release the GIL for a moment so gloo's worker threads finish freeing their last work.
+
+    A gloo worker frees the tensors of a collective *after* signalling its completion; when
+    Python has already dropped them, that needs the GIL. ``destroy_process_group`` does not stop
+    these threads (they end only with the group's C++ object, which the models' FSDP state keeps
+    alive until interpreter exit), and a worker that asks for the GIL once the interpreter is
+    finalizing is ended by ``pthread_exit`` inside a ``noexcept`` destructor: ``terminate called
+    without an active exception`` and SIGABRT after a clean ``fit()``. Sleeping after the barrier
+    hands the GIL and a CPU to any worker still releasing, so none is left for finalization.
+    """
+    time.sleep(_GLOO_SETTLE_SECONDS)
+
+
+def _registered_groups() -> list[Any]:
+    """Every live process group, oldest first (torch's private registry; empty if it is missing)."""
+    pg_map = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None)
+    if pg_map is None or not dist.is_initialized():
+        return []
+    return list(pg_map)
 
 
 def _hsdp_mesh(root: DeviceMesh, dp_cp: DeviceMesh, replicate: int, shard: int) -> DeviceMesh:

@@ -25,6 +25,9 @@ class LaunchEnvironment:
     source: LaunchSource
     master_addr: str = "127.0.0.1"
     master_port: int = 0
+    supervised: bool = False
+    """A launcher process supervises this one (torchrun's agent: ``TORCHELASTIC_RUN_ID`` is set),
+    so the process must not outlive it; see :mod:`dream_trainer.world.parent_watch`."""
 
     @classmethod
     def detect(cls, environ: Mapping[str, str] | None = None) -> LaunchEnvironment:
@@ -48,6 +51,7 @@ class LaunchEnvironment:
                 source="torchrun",
                 master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                 master_port=int(env.get("MASTER_PORT", 29500)),
+                supervised="TORCHELASTIC_RUN_ID" in env,
             )
         if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
             return cls(

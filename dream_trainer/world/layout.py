@@ -39,11 +39,18 @@ class MeshLayout:
     tp: int = 1
 
     @classmethod
-    def resolve(cls, parameters: DeviceParameters, world_size: int) -> MeshLayout:
-        """Resolve ``"auto"`` and check that the degrees multiply to ``world_size``."""
+    def resolve(
+        cls, parameters: DeviceParameters, world_size: int, ranks_per_node: int | None = None
+    ) -> MeshLayout:
+        """Resolve ``"node"`` and ``"auto"``; check that the degrees multiply to ``world_size``.
+
+        ``ranks_per_node`` (the launcher's local world size) is needed for ``dp_shard="node"``.
+        """
         if world_size < 1:
             raise ValueError(f"world size must be at least 1, got {world_size}")
         requested = {dim: getattr(parameters, field) for dim, field in _FIELD_OF_DIM.items()}
+        if requested["dp_shard"] == "node":
+            requested["dp_shard"] = _ranks_per_node_shard(requested, ranks_per_node or 1)
         fixed = math.prod(v for v in requested.values() if v != "auto")
         auto = [dim for dim, v in requested.items() if v == "auto"]
         described = ", ".join(f"{_FIELD_OF_DIM[d]}={v}" for d, v in requested.items())
@@ -116,6 +123,19 @@ class MeshLayout:
             + ")"
         )
         return "\n".join(lines)
+
+
+def _ranks_per_node_shard(requested: dict[str, int | str], ranks_per_node: int) -> int:
+    inner = [d for d in ("cp", "tp") if isinstance(requested[d], int)]
+    width = math.prod(int(requested[d]) for d in inner)
+    if any(requested[d] == "auto" for d in ("cp", "tp")) or ranks_per_node % width:
+        names = " x ".join(f"{_FIELD_OF_DIM[d]}={requested[d]}" for d in ("cp", "tp"))
+        raise ValueError(
+            f"dp_shard='node' shards over the {ranks_per_node} ranks of a node divided by "
+            f"{names}, which must be numbers dividing {ranks_per_node}. Give dp_shard a number, "
+            "or launch a multiple of context_parallel x tensor_parallel ranks per node."
+        )
+    return ranks_per_node // width
 
 
 def _short(group: list[int], limit: int = 8) -> str:

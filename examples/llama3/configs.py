@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class RopeScaling(BaseModel):
@@ -160,3 +161,57 @@ def get_model_args(name: str, **overrides: Any) -> LlamaArgs:
             f"Unknown Llama 3 config name {name!r}; choose one of {', '.join(MODEL_NAMES)}."
         )
     return LlamaArgs.model_validate({**_CONFIGS[name], **overrides})
+
+
+def check_model_overrides(
+    overrides: dict[str, Any], reserved: dict[str, str] | None = None
+) -> None:
+    """Raise unless every key of ``overrides`` names a LlamaArgs field not in ``reserved``.
+
+    ``reserved`` maps fields set elsewhere to the option that sets them (e.g. max_seq_len ->
+    seq_len), so the error can point there.
+    """
+    reserved = reserved or {}
+    fields = sorted(set(LlamaArgs.model_fields) - set(reserved))
+    for key in overrides:
+        if key in reserved:
+            raise ValueError(
+                f"model_overrides.{key} is set from {reserved[key]}; drop it from model_overrides "
+                f"and pass {reserved[key]} instead."
+            )
+    unknown = [str(key) for key in overrides if key not in fields]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        raise ValueError(
+            f"model_overrides has no LlamaArgs field {', '.join(hints)}; "
+            f"its fields are: {', '.join(fields)}."
+        )
+
+
+def describe_override_errors(error: ValidationError) -> str:
+    """LlamaArgs validation errors as ``model_overrides.<field> (<value>): <message>; ...``."""
+    parts = []
+    for item in error.errors():
+        message = str(item["msg"]).removeprefix("Value error, ").rstrip(".")
+        field = ".".join(str(part) for part in item["loc"])
+        parts.append(
+            f"model_overrides.{field} ({item['input']!r}): {message}" if field else message
+        )
+    return "; ".join(parts) + "."
+
+
+def check_tensor_parallel_degree(args: LlamaArgs, tp: int) -> None:
+    """Raise unless the tensor-parallel degree ``tp`` splits the attention heads evenly."""
+    if args.n_heads % tp == 0 and args.n_kv_heads % tp == 0:
+        return
+    # n_kv_heads divides n_heads (checked by LlamaArgs), so the degrees that work divide it.
+    degrees = [d for d in range(1, args.n_kv_heads + 1) if args.n_kv_heads % d == 0]
+    raise ValueError(
+        f"Tensor-parallel degree {tp} must divide both n_heads ({args.n_heads}) and n_kv_heads "
+        f"({args.n_kv_heads}) so every rank holds whole attention heads; set "
+        f"device_parameters.tensor_parallel to one of {', '.join(map(str, degrees))}, or change "
+        "n_heads / n_kv_heads with model_overrides."
+    )

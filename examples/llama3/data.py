@@ -32,6 +32,7 @@ VALIDATION_EVERY = 20
 _BATCH_DOCS = 256
 _FORMAT_VERSION = 1
 _DTYPES = {"uint16": (torch.uint16, "H"), "uint32": (torch.uint32, "I")}
+_SCAN_CHUNK = 1 << 22  # tokens widened at a time when checking a .bin file's ids
 
 
 class DocumentSource(ABC):
@@ -87,7 +88,7 @@ class TextFileSource(DocumentSource):
         self.path, self.mode = _existing(path), mode
 
     def documents(self) -> Iterator[str]:
-        text = read_text(self.path)
+        text = _read_utf8(self.path)
         if self.mode == "file":
             yield text
             return
@@ -106,18 +107,39 @@ class JsonlSource(DocumentSource):
         self.path, self.field = _existing(path), field
 
     def documents(self) -> Iterator[str]:
-        with self.path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                text = record.get(self.field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(
-                        f"Line {n} of {self.path} has no string field {self.field!r}; pass "
-                        "field= with the name of the field that holds the document text."
-                    )
-                yield text
+        offset = 0  # byte offset of the current line in the file
+        with self.path.open("rb") as f:
+            for n, raw in enumerate(f, start=1):
+                line = self._decode(raw, n, offset)
+                offset += len(raw)
+                if line.strip():
+                    yield self._text(line, n)
+
+    def _decode(self, raw: bytes, n: int, offset: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{self.path}:{n} is not valid UTF-8: byte {e.start} of the line (byte offset "
+                f"{offset + e.start} in the file) is {raw[e.start : e.start + 1]!r} ({e.reason}); "
+                "re-encode the file as UTF-8."
+            ) from None
+
+    def _text(self, line: str, n: int) -> str:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{self.path}:{n} is not valid JSON: {e.msg} at column {e.colno}; fix or remove "
+                "that line (each line must hold one JSON object)."
+            ) from None
+        text = record.get(self.field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{self.path}:{n} has no string field {self.field!r}; pass field= with the name "
+                "of the field that holds the document text."
+            )
+        return text
 
     def fingerprint(self) -> str:
         return f"jsonl:{self.field}:{_stat_key(self.path)}"
@@ -128,6 +150,19 @@ def _existing(path: str | os.PathLike[str]) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"Data file {p} does not exist; pass the path of an existing file.")
     return p
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is an error naming its offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"Data file {path} is not valid UTF-8: the byte at offset {e.start} (line {line}) "
+            f"is {data[e.start : e.start + 1]!r} ({e.reason}); re-encode the file as UTF-8."
+        ) from None
 
 
 def _stat_key(path: Path) -> str:
@@ -234,8 +269,9 @@ def build_dataset(
     """Packed dataset of a source, tokenized once and cached under ``cache_dir()/tokens``.
 
     ``source`` is a :class:`DocumentSource`, ``"stdlib"``, or a file path: ``*.jsonl`` (field
-    "text"), ``*.bin`` (pre-tokenized ids of ``dtype``; used as is, so ``split`` must be "all"),
-    anything else plain text with blank-line-separated documents.
+    "text"), ``*.bin`` (pre-tokenized ids of ``dtype``; used as is, so ``split`` must be "all",
+    after checking every id is below the tokenizer's ``vocab_size``), anything else plain UTF-8
+    text with blank-line-separated documents.
     """
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".bin":
         if split != "all":
@@ -243,7 +279,9 @@ def build_dataset(
                 f"Pre-tokenized file {source} has no document split; pass split='all' and give "
                 "validation its own .bin file."
             )
-        return PackedDataset(source, seq_len, dtype or token_dtype(tokenizer.vocab_size))
+        dataset = PackedDataset(source, seq_len, dtype or token_dtype(tokenizer.vocab_size))
+        check_token_ids(dataset, tokenizer.vocab_size)
+        return dataset
     src = as_source(source)
     dtype = dtype or token_dtype(tokenizer.vocab_size)
     key = f"v{_FORMAT_VERSION}|{src.fingerprint()}|{tokenizer.fingerprint}|{split}|{dtype}"
@@ -255,6 +293,28 @@ def build_dataset(
         ),
     )
     return PackedDataset(path, seq_len, dtype)
+
+
+def max_token_id(tokens: torch.Tensor, chunk: int = _SCAN_CHUNK) -> int:
+    """The largest id of a 1-D token tensor (-1 if empty), read ``chunk`` tokens at a time."""
+    # Unsigned tensors have no max(); widening the whole memory map at once would copy it all.
+    wide = torch.int32 if tokens.dtype == torch.uint16 else torch.int64
+    largest = -1
+    for start in range(0, tokens.numel(), chunk):
+        largest = max(largest, int(tokens[start : start + chunk].to(wide).max()))
+    return largest
+
+
+def check_token_ids(dataset: PackedDataset, vocab_size: int) -> None:
+    """Raise unless every id in the dataset's token file is below ``vocab_size``."""
+    largest = max_token_id(dataset.tokens)
+    if largest >= vocab_size:
+        raise ValueError(
+            f"Token file {dataset.path} holds id {largest}, but the tokenizer's vocabulary has "
+            f"{vocab_size} ids (0..{vocab_size - 1}); pass the tokenizer the file was written "
+            f"with, re-tokenize it with this one, or pass the dtype it was written with (read "
+            f"as {dataset.dtype})."
+        )
 
 
 def as_source(source: DocumentSource | str | os.PathLike[str]) -> DocumentSource:

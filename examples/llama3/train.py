@@ -21,12 +21,20 @@ if __package__ in (None, ""):  # run as a script: make `examples.llama3` importa
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.distributed.tensor import DTensor
 
 from dream_trainer import DreamTrainer, DreamTrainerConfig
-from dream_trainer.configs import apply_overrides
+from dream_trainer.configs import config_from_command_line
 from dream_trainer.trainer import Callback
-from examples.llama3.configs import get_model_args
+from examples.llama3.configs import (
+    MODEL_NAMES,
+    LlamaArgs,
+    check_model_overrides,
+    check_tensor_parallel_degree,
+    describe_override_errors,
+    get_model_args,
+)
 from examples.llama3.data import build_dataloader, build_dataset
 from examples.llama3.model import Transformer, count_parameters
 from examples.llama3.presets import PRESETS, preset
@@ -40,13 +48,13 @@ class Llama3Config(DreamTrainerConfig):
     """A name from examples/llama3/configs.py: debug, 1B, 3B, 8B, 70B, 405B."""
     model_overrides: dict[str, Any] = {}
     """Fields of LlamaArgs to change, e.g. {"n_layers": 2}."""
-    seq_len: int = 256
-    batch_size: int = 8
+    seq_len: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=8, ge=1)
     """Sequences per micro-batch on each data-parallel rank."""
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
+    lr: float = Field(default=3e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
     data: str = "stdlib"
     """"stdlib" (the Python standard library's sources), or a .txt / .jsonl / .bin file."""
     val_data: str | None = None
@@ -54,20 +62,53 @@ class Llama3Config(DreamTrainerConfig):
     tokenizer: str | None = None
     """None: a BPE tokenizer trained on the stdlib and cached; or a tokenizers .json / tiktoken file."""
     sample_prompt: str = "def "
-    sample_tokens: int = 48
+    sample_tokens: int = Field(default=48, ge=0)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in MODEL_NAMES:
+            raise ValueError(f"model {name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}.")
+        return name
+
+    @field_validator("model_overrides")
+    @classmethod
+    def _known_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        check_model_overrides(overrides, reserved={"max_seq_len": "seq_len"})
+        return overrides
+
+    @model_validator(mode="after")
+    def _valid_model_shape(self) -> Llama3Config:
+        try:
+            self.model_args()
+        except ValidationError as e:
+            raise ValueError(
+                f"model {self.model!r} with model_overrides {self.model_overrides} is not a valid "
+                f"Llama 3 shape: {describe_override_errors(e)}"
+            ) from None
+        return self
+
+    def model_args(self) -> LlamaArgs:
+        """The LlamaArgs of ``model`` with ``model_overrides``, and max_seq_len = seq_len."""
+        return get_model_args(self.model, max_seq_len=self.seq_len, **self.model_overrides)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the next-token predictions (vocab-sharded logits too)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
 
 
 class Llama3Trainer(DreamTrainer):
     config: Llama3Config
 
     def configure_models(self) -> None:
-        args = get_model_args(
-            self.config.model, max_seq_len=self.config.seq_len, **self.config.model_overrides
-        )
+        args = self.config.model_args()
+        check_tensor_parallel_degree(args, self.world.tp_size)
         if self.tokenizer.vocab_size > args.vocab_size:
             raise ValueError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but model "
-                f"{self.config.model!r} only {args.vocab_size}; raise model_overrides.vocab_size"
+                f"The tokenizer has {self.tokenizer.vocab_size} ids but model "
+                f"{self.config.model!r} has a vocabulary of only {args.vocab_size}; pass "
+                f"--model_overrides.vocab_size {self.tokenizer.vocab_size} or a larger model."
             )
         self.model = Transformer(args)
 
@@ -118,18 +159,14 @@ class Llama3Trainer(DreamTrainer):
         return train_loader, val_loader
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        logits = self.model(batch["input_ids"])
-        with self.loss_parallel():
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(0, 1))
-        self.backward(loss)
+        # The same code for every layout: under pipeline parallelism the schedule runs it.
+        loss = self.forward_backward(self.model, batch["input_ids"], batch["labels"], next_token_loss)
         if not self.is_accumulating_gradients:
             self.step(self.optimizer)
         return {"loss": loss}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        logits = self.model(batch["input_ids"])
-        with self.loss_parallel():
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(0, 1))
+        loss = self.forward_loss(self.model, batch["input_ids"], batch["labels"], next_token_loss)
         return {"val_loss": loss}
 
     def validate(self, max_batches: int | None = None, log: bool = True) -> dict[str, float]:
@@ -165,13 +202,16 @@ def generate(trainer: Llama3Trainer, prompt: str, max_new_tokens: int) -> str:
     model.eval()
     generator = torch.Generator().manual_seed(trainer.config.seed)
     ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
-    # Right-padding is invisible to causal attention; it keeps the length divisible for SP.
+    # Right-padding is invisible to causal attention; it keeps the length divisible for SP,
+    # and at the training length under pipeline parallelism (stages have fixed shapes).
     multiple = trainer.world.tp_size
     for _ in range(max_new_tokens):
         window = ids[-trainer.config.seq_len :]
-        padded = window + [0] * (-len(window) % multiple)
+        length = trainer.config.seq_len if trainer.world.pp_enabled else len(window)
+        padded = window + [0] * (length - len(window))
+        padded += [0] * (-len(padded) % multiple)
         tokens = torch.tensor([padded], device=trainer.device)
-        logits = model(tokens)
+        logits = trainer.forward_outputs(model, tokens)
         if isinstance(logits, DTensor):
             logits = logits.full_tensor()
         probs = torch.softmax(logits[0, len(window) - 1].float().cpu() / 0.8, dim=-1)
@@ -208,11 +248,17 @@ def main(argv: list[str] | None = None) -> None:
     name = "debug"
     if "--config" in argv:
         index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise SystemExit(f"--config needs a name: {', '.join(PRESETS)}")
+        if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+            raise SystemExit(f"--config needs a preset name: {', '.join(PRESETS)}")
         name = argv[index + 1]
         del argv[index : index + 2]
-    config = apply_overrides(preset(name, Llama3Config), argv)
+    try:
+        base = preset(name, Llama3Config)
+    except ValueError as error:
+        raise SystemExit(f"train.py: error: {error}") from None
+    config = config_from_command_line(
+        base, argv, program="train.py", usage=f"[--config {{{','.join(PRESETS)}}}] "
+    )
     Llama3Trainer(config, callbacks=[PrintSample()]).fit()
 
 

@@ -2,19 +2,16 @@
 
 from dream_trainer.trainer.mixins.dataloaders import DataLoaderSetupMixin
 from dream_trainer.trainer.mixins.eval_metrics import EvalMetricMixin
-from dream_trainer.trainer.mixins.loggers import ConsoleSink, JsonlSink, LoggerMixin, WandbSink
+from dream_trainer.trainer.mixins.loggers import LoggerMixin
 from dream_trainer.trainer.mixins.models import ModelSetupMixin
 from dream_trainer.trainer.mixins.optimizers import OptimizerAndSchedulerSetupMixin
 from dream_trainer.trainer.mixins.setup import SetupMixin
 
 __all__ = [
-    "ConsoleSink",
     "DataLoaderSetupMixin",
     "EvalMetricMixin",
-    "JsonlSink",
     "LoggerMixin",
     "ModelSetupMixin",
     "OptimizerAndSchedulerSetupMixin",
     "SetupMixin",
-    "WandbSink",
 ]

@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch.utils.data import Dataset, DistributedSampler
 
 from dream_trainer.trainer.base import BaseTrainer
+
+logger = logging.getLogger("dream_trainer.trainer")
+
+
+def _warn_about_uneven_split(role: str, sampler: DistributedSampler[Any], rank: int) -> None:
+    """Say (from rank 0) when the dataset does not split evenly over data-parallel ranks."""
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    replicas = sampler.num_replicas
+    if rank != 0 or size % replicas == 0:
+        return
+    if sampler.drop_last:
+        logger.warning(
+            "the %s dataset has %d samples, not a multiple of the %d data-parallel ranks: each "
+            "rank gets %d and %d samples are never seen this epoch",
+            role,
+            size,
+            replicas,
+            size // replicas,
+            size % replicas,
+        )
+    else:
+        logger.warning(
+            "the %s dataset has %d samples, not a multiple of the %d data-parallel ranks: "
+            "DistributedSampler repeats %d samples so every rank gets %d",
+            role,
+            size,
+            replicas,
+            replicas - size % replicas,
+            sampler.num_samples,
+        )
 
 
 class DataLoaderSetupMixin(BaseTrainer):
@@ -59,6 +90,7 @@ class DataLoaderSetupMixin(BaseTrainer):
                 "self.distributed_sampler(dataset) or num_replicas=self.world.dp_size, "
                 "rank=self.world.dp_rank."
             )
+        _warn_about_uneven_split(role, sampler, self.world.rank)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,11 +90,6 @@ class LoggerMixin(BaseTrainer):
     config: _LoggerConfig  # type: ignore[assignment]
 
     @property
-    def run_dir(self) -> Path:
-        """``{run_dir}/{project}/{experiment}``: where this run writes its files."""
-        return Path(self.config.run_dir) / self.config.project / self.config.experiment
-
-    @property
     def log_every_n_steps(self) -> int | None:
         return self.config.logging_parameters.log_every_n_steps
 
@@ -109,7 +105,8 @@ class LoggerMixin(BaseTrainer):
             elif backend == "jsonl":
                 self.metric_sinks.append(JsonlSink(self.run_dir / "metrics.jsonl"))
             else:
-                self.metric_sinks.append(WandbSink(self.config, params.wandb_mode, self.run_dir))
+                mode = params.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+                self.metric_sinks.append(WandbSink(self.config, mode, self.run_dir))
 
     def log_dict(self, metrics: dict[str, float], step: int) -> None:
         super().log_dict(metrics, step)

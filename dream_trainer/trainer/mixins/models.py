@@ -11,20 +11,37 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule
 
 from dream_trainer.configs import ModelSetupConfigMixin, TrainerConfig
 from dream_trainer.parallel import FullyShard, ParallelPlan
 from dream_trainer.parallel import apply_fully_shard as apply_fully_shard_plan
 from dream_trainer.parallel import apply_tensor_parallel as apply_tensor_parallel_plan
+from dream_trainer.parallel.async_tp import enable_async_tensor_parallel
 from dream_trainer.parallel.blocks import declared_blocks
+from dream_trainer.parallel.compile import compile_module, guard_compiled_inputs
+from dream_trainer.parallel.fully_shard import (
+    ROOT_AWARE_RESHARD_DEFAULT,
+    fully_shard,
+    set_reshard_after_forward,
+)
 from dream_trainer.parallel.materialize import load_full_weights
+from dream_trainer.parallel.pipeline import (
+    PipelineRunner,
+    balanced_stages,
+    merge_parts,
+    split_model,
+    stage_indices,
+    stage_modules,
+)
 from dream_trainer.trainer.base import BaseTrainer
 from dream_trainer.trainer.checks import (
     check_data_parallel_coverage,
     check_materialized,
     check_tensor_parallel_applied,
 )
+from dream_trainer.trainer.mixins.meta_placement import MovesStayOnMeta
+from dream_trainer.trainer.mixins.model_aliases import aliases_into, drop_aliases, fsdp_replicate
 from dream_trainer.trainer.mixins.registry import assigned_during
 
 logger = logging.getLogger("dream_trainer.trainer")
@@ -46,11 +63,13 @@ def _contains_plan(model: nn.Module, protocol: type) -> bool:
 class ModelSetupMixin(BaseTrainer):
     """Builds models on meta, applies the parallelism hooks in order, materializes, initializes.
 
-    Order: ``configure_models`` (meta) -> ``apply_tensor_parallel`` -> ``apply_context_parallel``
-    -> ``apply_pipeline_parallel`` -> ``apply_activation_checkpointing`` -> ``apply_compile`` ->
-    ``apply_fully_shard`` (dp_shard x cp > 1, or mixed precision / offload without replication)
-    or ``apply_replicate`` (dp_replicate > 1) -> materialize -> ``init_weights`` -> checks.
-    Each hook runs only when its layout asks for it.
+    Order: ``configure_models`` (meta) -> ``apply_pipeline_parallel`` (split into this rank's
+    parts) -> then for each part: ``apply_tensor_parallel`` -> ``apply_context_parallel`` ->
+    ``apply_activation_checkpointing`` -> ``apply_compile`` -> ``apply_fully_shard`` (dp_shard x
+    cp > 1, or mixed precision / offload without replication) or ``apply_replicate``
+    (dp_replicate > 1) -> materialize -> ``init_weights`` -> checks. Each hook runs only when its
+    layout asks for it. While a hook runs for a part, ``self.<model>`` is that part, so hooks
+    written for a whole model work on pipeline stages unchanged.
     """
 
     config: _ModelSetupConfig  # type: ignore[assignment]
@@ -93,13 +112,41 @@ class ModelSetupMixin(BaseTrainer):
             "context_parallel=1"
         )
 
-    def apply_pipeline_parallel(self, pp_mesh: DeviceMesh) -> None:
-        """Split models into pipeline stages over ``pp_mesh``; no default exists yet."""
-        raise NotImplementedError(
-            f"pipeline_parallel={pp_mesh.size()} was requested but {type(self).__name__} does "
-            "not implement apply_pipeline_parallel(self, pp_mesh); implement it or set "
-            "pipeline_parallel=1"
-        )
+    def apply_pipeline_parallel(self, pp_mesh: DeviceMesh) -> dict[str, list[nn.Module]]:
+        """Split each model into the stages this rank holds; returns ``{name: [part, ...]}``.
+
+        One part per index of :meth:`pipeline_stage_indices`, in that order. The default cuts
+        the model's blocks (its ``nn.ModuleDict`` / ``nn.ModuleList``) into balanced stages, or
+        follows ``pipeline_parallel_config.split_points``; parameter names stay those of the
+        unsplit model. Override it to build the parts yourself.
+        """
+        config = self.config.device_parameters.pipeline_parallel_config
+        num_stages = self.pipeline_num_stages
+        parts: dict[str, list[nn.Module]] = {}
+        for name, model in self.named_models().items():
+            stages = config.split_points or balanced_stages(
+                model, num_stages, config.first_stage_weight, config.last_stage_weight
+            )
+            if len(stages) != num_stages:
+                raise ValueError(
+                    f"pipeline_parallel_config.split_points lists {len(stages)} stages, but "
+                    f"pipeline_parallel={pp_mesh.size()} x stages_per_rank="
+                    f"{config.resolved_stages_per_rank()} needs {num_stages}"
+                )
+            keep = stage_modules(model, stages)
+            parts[name] = [split_model(model, keep[i]) for i in self.pipeline_stage_indices()]
+        return parts
+
+    @property
+    def pipeline_num_stages(self) -> int:
+        """Stages each model is split into: ``pipeline_parallel x stages_per_rank``."""
+        config = self.config.device_parameters.pipeline_parallel_config
+        return self.world.pp_size * config.resolved_stages_per_rank()
+
+    def pipeline_stage_indices(self) -> list[int]:
+        """The stage indices this rank holds, in the order its schedule runs them."""
+        config = self.config.device_parameters.pipeline_parallel_config
+        return stage_indices(config, self.world.pp_rank, self.world.pp_size)
 
     def apply_activation_checkpointing(self) -> None:
         """Recompute each block's activations in backward; default: every declared block."""
@@ -118,26 +165,25 @@ class ModelSetupMixin(BaseTrainer):
 
     def apply_compile(self) -> None:
         """``torch.compile`` each declared block in place (or the whole model)."""
+        backend = self.config.device_parameters.compile_backend
         for model in self.named_models().values():
             for module in declared_blocks(model) or [model]:
-                module.compile()
+                compile_module(module, backend=backend)
 
     def apply_fully_shard(self, config: dict[str, Any]) -> None:
         """FSDP2 per block (``FullyShard`` modules, else declared blocks), then each root."""
-        pp_enabled = self.world.pp_enabled
         for model in self.named_models().values():
             if _contains_plan(model, FullyShard):
-                apply_fully_shard_plan(model, config, pp_enabled=pp_enabled)
+                apply_fully_shard_plan(model, config)
             else:
-                root_config = {**config, "reshard_after_forward": False} if pp_enabled else config
                 for block in declared_blocks(model):
-                    fully_shard(block, **root_config)
+                    fully_shard(block, **config)
             if not isinstance(model, FSDPModule):
                 fully_shard(model, **config)
 
     def apply_replicate(self, dp_replicate_mesh: DeviceMesh) -> None:
         """Replicate each model over ``dp_replicate_mesh`` (FSDP2-based, handles TP weights)."""
-        replicate = _fsdp_replicate()
+        replicate = fsdp_replicate()
         config = self.world.fsdp_config
         for model in self.named_models().values():
             replicate(
@@ -150,13 +196,23 @@ class ModelSetupMixin(BaseTrainer):
     # Machinery
 
     def named_models(self) -> dict[str, nn.Module]:
+        current = getattr(self, "_current_parts", None)
+        if current is not None:
+            return dict(current)
         return {name: getattr(self, name) for name in getattr(self, "_model_names", ())}
+
+    def model_parts(self) -> dict[str, list[nn.Module]]:
+        """Each model as the parts this rank runs: ``[model]``, or its pipeline stages."""
+        parts = getattr(self, "_parts", None)
+        if parts is None:
+            return {name: [model] for name, model in self.named_models().items()}
+        return {name: list(p) for name, p in parts.items()}
 
     def configure(self) -> None:
         super().configure()
-        with assigned_during(self, _is_model) as found, torch.device("meta"):
+        with assigned_during(self, _is_model) as found, torch.device("meta"), MovesStayOnMeta():
             self.configure_models()
-        models = _drop_aliases(found)
+        models = drop_aliases(found)
         if not models:
             raise RuntimeError(
                 f"{type(self).__name__}.configure_models assigned no nn.Module with parameters "
@@ -169,61 +225,140 @@ class ModelSetupMixin(BaseTrainer):
 
     def setup(self) -> None:
         super().setup()
-        self._parallelize_models()
+        self._split_into_parts()
+        self._parallelize_parts()
         self._materialize_and_init()
-        models = self.named_models()
-        check_materialized(models)
+        parts = {
+            f"{name}[stage {i}]" if len(p) > 1 or self.world.pp_enabled else name: part
+            for name, p in self.model_parts().items()
+            for i, part in zip(self._stage_labels(len(p)), p)
+        }
+        check_materialized(parts)
         if self.world.tp_enabled:
-            check_tensor_parallel_applied(models, type(self).__name__)
-        check_data_parallel_coverage(models, self.world, type(self).__name__)
+            check_tensor_parallel_applied(parts, type(self).__name__)
+        check_data_parallel_coverage(parts, self.world, type(self).__name__)
+        if self.world.pp_enabled:
+            self._assemble_pipelines()
 
-    def _parallelize_models(self) -> None:
+    def _stage_labels(self, count: int) -> list[int]:
+        return self.pipeline_stage_indices() if self.world.pp_enabled else list(range(count))
+
+    def _split_into_parts(self) -> None:
+        if not self.world.pp_enabled:
+            self._parts = {name: [model] for name, model in self.named_models().items()}
+            return
+        parts = self.apply_pipeline_parallel(self.world.get_mesh("pp"))
+        expected = len(self.pipeline_stage_indices())
+        for name in self._model_names:
+            got = parts.get(name) if isinstance(parts, dict) else None
+            if not isinstance(got, list) or len(got) != expected:
+                raise TypeError(
+                    f"{type(self).__name__}.apply_pipeline_parallel must return {{model name: "
+                    f"[one module per stage index {self.pipeline_stage_indices()}]}}, but for "
+                    f"{name!r} it returned {type(got).__name__}"
+                    + (f" of {len(got)}" if isinstance(got, list) else "")
+                )
+        self._parts = {name: list(parts[name]) for name in self._model_names}
+
+    @contextmanager
+    def _bound_to_parts(self, index: int) -> Iterator[dict[str, nn.Module]]:
+        """``self.<model>`` (and named_models()) is the ``index``-th part of each model."""
+        current = {n: p[index] for n, p in self._parts.items() if index < len(p)}
+        with self._models_swapped(current):
+            self._current_parts: dict[str, nn.Module] | None = current
+            try:
+                yield current
+            finally:
+                self._current_parts = None
+                for name in current:  # a hook may have replaced the module object
+                    self._parts[name][index] = getattr(self, name)
+
+    def _parallelize_parts(self) -> None:
+        world, params = self.world, self.config.device_parameters
+        if params.async_tensor_parallel:
+            enable_async_tensor_parallel(world.get_mesh("tp"))
+        for index in range(max(len(p) for p in self._parts.values())):
+            with self._bound_to_parts(index):
+                self._parallelize_current_parts()
+        if not world.pp_enabled:  # the model is its one part (a hook may have wrapped it)
+            for name, parts in self._parts.items():
+                object.__setattr__(self, name, parts[0])
+
+    def _parallelize_current_parts(self) -> None:
         world, params = self.world, self.config.device_parameters
         if world.tp_enabled:
             self.apply_tensor_parallel(world.get_mesh("tp"))
         if world.cp_enabled:
             self.apply_context_parallel(world.get_mesh("cp"))
-        if world.pp_enabled:
-            self.apply_pipeline_parallel(world.get_mesh("pp"))
         if params.checkpoint_activations:
             self.apply_activation_checkpointing()
-        if params.async_tensor_parallel:
-            enable_async_tensor_parallel(world.get_mesh("tp"))
         if params.compile_model:
             self.apply_compile()
+            # Also covers modules a user's apply_compile compiled with torch directly.
+            for model in self.named_models().values():
+                guard_compiled_inputs(model)
         # Mixed precision and CPU offload are FSDP policies; without data parallelism they
         # still take effect through FSDP on a one-rank mesh rather than being dropped.
         wants_policies = bool(params.param_dtype or params.reduce_dtype or params.cpu_offload)
         if world.fsdp_enabled or (wants_policies and not world.dp_replicate_enabled):
             self.apply_fully_shard(world.fsdp_config)
+            self._apply_resharding_policy()
         elif world.dp_replicate_enabled:
             self.apply_replicate(world.get_mesh("dp_replicate"))
 
+    def _assemble_pipelines(self) -> None:
+        """Give each split model its merged view and its schedule runner."""
+        indices, device = self.pipeline_stage_indices(), self.device
+        config = self.config.device_parameters.pipeline_parallel_config
+        self._pipelines: dict[int, PipelineRunner] = {}
+        for name, parts in self._parts.items():
+            merged = merge_parts(parts, indices)
+            for alias, module in aliases_into(self, {name: merged}).items():
+                object.__setattr__(self, alias, module)
+            object.__setattr__(self, name, merged)
+            self._pipelines[id(merged)] = PipelineRunner(
+                parts, indices, self.pipeline_num_stages, config, self.world.get_mesh("pp"), device
+            )
+
+    def _apply_resharding_policy(self) -> None:
+        # reshard_after_forward=False (or pipeline parallelism, whose microbatches reuse the
+        # gathered parameters) applies to every FSDP module, whatever apply_fully_shard passed.
+        keep = not self.config.device_parameters.reshard_after_forward or self.world.pp_enabled
+        for model in self.named_models().values():
+            if keep:
+                set_reshard_after_forward(model, False)
+            elif isinstance(model, FSDPModule) and not ROOT_AWARE_RESHARD_DEFAULT:
+                # Backward needs the root's parameters first; resharding them adds an all-gather.
+                model.set_reshard_after_forward(False, recurse=False)
+
     def _materialize_and_init(self) -> None:
         device = "cpu" if self.config.device_parameters.cpu_offload else self.device
-        for model in self.named_models().values():
-            model.to_empty(device=device)
+        for parts in self._parts.values():
+            for part in parts:
+                part.to_empty(device=device)
         if self.config.weight_init == "sharded":
-            torch.manual_seed(self.config.seed)
-            with torch.no_grad():
-                self.init_weights()
+            for index in range(max(len(p) for p in self._parts.values())):
+                with self._bound_to_parts(index), torch.no_grad():
+                    torch.manual_seed(self.config.seed)
+                    self.init_weights()
             return
         full = {n: m.to_empty(device="cpu") for n, m in self._meta_models.items()}
         with self._models_swapped(full), torch.no_grad():
             torch.manual_seed(self.config.seed)
             self.init_weights()
-        for name, model in self.named_models().items():
-            load_full_weights(model, full[name])
+        for name, parts in self._parts.items():
+            for part in parts:
+                load_full_weights(part, full[name])
         del self._meta_models
 
     @contextmanager
     def _models_swapped(self, replacements: dict[str, nn.Module]) -> Iterator[None]:
         # Aliases (self.encoder = self.model.encoder) must point into the full copies too, or
         # init_weights would write through them into tensors that are overwritten afterwards.
-        replacements = {**_aliases_into(self, replacements), **replacements}
-        originals = {name: getattr(self, name) for name in replacements}
+        replaced: dict[str, nn.Module | None] = {**aliases_into(self, replacements), **replacements}
+        originals = {name: getattr(self, name) for name in replaced}
         try:
-            for name, model in replacements.items():
+            for name, model in replaced.items():
                 object.__setattr__(self, name, model)
             yield
         finally:
@@ -244,53 +379,3 @@ class ModelSetupMixin(BaseTrainer):
         for name, model in self.named_models().items():
             if name in state_dict.get("models", {}):
                 set_model_state_dict(model, state_dict["models"][name])
-
-
-def _drop_aliases(found: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """Keep each module once, and drop modules that live inside another found module."""
-    kept: dict[str, nn.Module] = {}
-    for name, module in found.items():
-        inside_other = any(
-            other is not module and any(sub is module for sub in other.modules())
-            for other in found.values()
-        )
-        if inside_other or any(module is k for k in kept.values()):
-            continue
-        kept[name] = module
-    return kept
-
-
-def _aliases_into(owner: Any, replacements: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """Attributes of ``owner`` that are submodules of a replaced model, mapped into its copy."""
-    found: dict[str, nn.Module] = {}
-    for model_name, copy_ in replacements.items():
-        paths = {id(m): path for path, m in getattr(owner, model_name).named_modules() if path}
-        for attr, value in vars(owner).items():
-            if attr not in replacements and isinstance(value, nn.Module) and id(value) in paths:
-                found[attr] = copy_.get_submodule(paths[id(value)])
-    return found
-
-
-def enable_async_tensor_parallel(tp_mesh: DeviceMesh) -> None:
-    """Let torch.compile overlap TP collectives with matmuls (symmetric memory on the TP group)."""
-    try:
-        from torch._inductor import config as inductor_config
-        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
-    except ImportError as error:  # pragma: no cover - depends on the torch build
-        raise RuntimeError(
-            "async_tensor_parallel=True needs torch.distributed._symmetric_memory, which this "
-            "torch build lacks; set async_tensor_parallel=False"
-        ) from error
-    inductor_config._micro_pipeline_tp = True
-    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
-
-
-def _fsdp_replicate() -> Any:
-    try:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-    except ImportError as error:  # pragma: no cover - present in every supported torch
-        raise RuntimeError(
-            "this torch has no FSDP2-based replicate (torch.distributed._composable."
-            "replicate_with_fsdp); use DeviceParameters.HSDP or override apply_replicate"
-        ) from error
-    return replicate
