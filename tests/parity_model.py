@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from dream_trainer import DreamTrainer, DreamTrainerConfig
 from dream_trainer.parallel import (
     colwise_parallel,
+    context_parallel_attention,
     prepare_module_input,
     rowwise_parallel,
     sequence_parallel,
@@ -34,7 +35,8 @@ class Attention(nn.Module):
         q, k, v = (
             w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
         )
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # SDPA without context parallelism; across the cp ranks under it.
+        out = context_parallel_attention(q, k, v, is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 

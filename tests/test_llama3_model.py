@@ -103,7 +103,7 @@ def test_rope_rotates_adjacent_pairs() -> None:
     args = tiny_args(rope_theta=10000.0)
     rope = rope_table(args)
     x = torch.randn(1, 5, 3, args.head_dim)
-    out = apply_rope(x, rope)
+    out = apply_rope(x, rope, torch.arange(5))
     for pos in range(5):
         for i in range(args.head_dim // 2):
             angle = pos * 10000.0 ** (-2 * i / args.head_dim)
@@ -120,8 +120,9 @@ def test_gqa_attention_matches_naive() -> None:
     rope = rope_table(args)
     x = torch.randn(2, 7, args.dim)
     b, s, hd = 2, 7, args.head_dim
-    q = apply_rope(attn.wq(x).view(b, s, 8, hd), rope)
-    k = apply_rope(attn.wk(x).view(b, s, 2, hd), rope)
+    positions = torch.arange(s)
+    q = apply_rope(attn.wq(x).view(b, s, 8, hd), rope, positions)
+    k = apply_rope(attn.wk(x).view(b, s, 2, hd), rope, positions)
     v = attn.wv(x).view(b, s, 2, hd)
     mask = torch.ones(s, s, dtype=torch.bool).tril()
     heads = []

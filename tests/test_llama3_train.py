@@ -34,7 +34,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"data": str(path), "cache": str(root / "cache")}
 
 
-def tiny_config(device_parameters: DeviceParameters, dp_size: int, data: str) -> Llama3Config:
+def tiny_config(
+    device_parameters: DeviceParameters, dp_size: int, data: str, **fields: Any
+) -> Llama3Config:
     return Llama3Config(
         seed=3,
         model="debug",
@@ -49,6 +51,7 @@ def tiny_config(device_parameters: DeviceParameters, dp_size: int, data: str) ->
             max_steps=STEPS, gradient_accumulation_steps=2, gradient_clip_val=1.0
         ),
         logging_parameters={"log_every_n_steps": 1, "backends": []},
+        **fields,
     )
 
 
@@ -62,9 +65,11 @@ class RecordingLlama3Trainer(Llama3Trainer):
         return {}  # parity is about training; skip validation to keep the test short
 
 
-def train_llama(params: DeviceParameters, dp_size: int, corpus: dict[str, str]) -> dict[str, Any]:
+def train_llama(
+    params: DeviceParameters, dp_size: int, corpus: dict[str, str], **fields: Any
+) -> dict[str, Any]:
     os.environ["DREAM_TRAINER_CACHE"] = corpus["cache"]
-    trainer = RecordingLlama3Trainer(tiny_config(params, dp_size, corpus["data"]))
+    trainer = RecordingLlama3Trainer(tiny_config(params, dp_size, corpus["data"], **fields))
     trainer.losses = []
     trainer.fit()
     weights = {
@@ -96,6 +101,39 @@ LAYOUTS = {
         ),
         2,
     ),
+    # Pipeline parallelism: the same training_step, run through the schedule.
+    "pp2_1f1b": (
+        2,
+        DeviceParameters(
+            pipeline_parallel=2,
+            dp_shard=1,
+            pipeline_parallel_config={"schedule": "1F1B", "num_microbatches": 2},
+        ),
+        1,
+    ),
+    "pp2_tp2_interleaved": (
+        4,
+        DeviceParameters(
+            pipeline_parallel=2,
+            dp_shard=1,
+            tensor_parallel=2,
+            loss_parallel=True,
+            pipeline_parallel_config={
+                "schedule": "Interleaved1F1B",
+                "num_microbatches": 2,
+                "stages_per_rank": 1,
+            },
+        ),
+        1,
+    ),
+    # Context parallelism: batches cut along the sequence, rotary positions kept global.
+    "cp2": (2, DeviceParameters(context_parallel=2, dp_shard=1), 1),
+    "cp2_fsdp2": (4, DeviceParameters(context_parallel=2, dp_shard=2), 2),
+    "cp2_tp2": (
+        4,
+        DeviceParameters(context_parallel=2, dp_shard=1, tensor_parallel=2, loss_parallel=True),
+        1,
+    ),
 }
 
 
@@ -123,6 +161,51 @@ def test_llama3_debug_run_matches_one_process(layout, corpus, single_process):
         for name, value in result["weights"].items():
             # AdamW after a few steps: float reassociation is magnified to ~1e-5..1e-4.
             torch.testing.assert_close(value, single_process["weights"][name], rtol=0, atol=1e-4)
+
+
+def test_document_causal_attention_under_context_parallelism_matches_one_process(corpus):
+    single = DeviceParameters.SINGLE_DEVICE()
+    (plain,) = run_on_ranks(train_llama, 1, single, 1, corpus, timeout=300)
+    (expected,) = run_on_ranks(train_llama, 1, single, 1, corpus, document_causal=True, timeout=300)
+    assert expected["losses"] != pytest.approx(plain["losses"], rel=1e-4)  # the mask matters
+    params = DeviceParameters(
+        context_parallel=2, dp_shard=1, context_parallel_config={"rotate_method": "alltoall"}
+    )
+    for result in run_on_ranks(
+        train_llama, 2, params, 1, corpus, document_causal=True, timeout=300
+    ):
+        torch.testing.assert_close(
+            torch.tensor(result["losses"]), torch.tensor(expected["losses"]), rtol=1e-5, atol=0
+        )
+
+
+class ValidatingLlama3Trainer(Llama3Trainer):
+    def log_dict(self, metrics: dict[str, float], step: int) -> None:
+        super().log_dict(metrics, step)
+        if "val_loss" in metrics:
+            self.val_losses.append(metrics["val_loss"])
+
+
+def validate_llama(params: DeviceParameters, dp_size: int, corpus: dict[str, str]) -> list[float]:
+    os.environ["DREAM_TRAINER_CACHE"] = corpus["cache"]
+    config = tiny_config(params, dp_size, corpus["data"])
+    config.training_parameters = TrainingParameters(
+        max_steps=4, val_every_n_steps=2, val_steps_per_epoch=2
+    )
+    trainer = ValidatingLlama3Trainer(config)
+    trainer.val_losses = []
+    trainer.fit()
+    return trainer.val_losses
+
+
+def test_validation_under_pipeline_parallelism_matches_one_process(corpus):
+    (expected,) = run_on_ranks(
+        validate_llama, 1, DeviceParameters.SINGLE_DEVICE(), 1, corpus, timeout=300
+    )
+    params = LAYOUTS["pp2_1f1b"][1]
+    for losses in run_on_ranks(validate_llama, 2, params, 1, corpus, timeout=300):
+        assert len(losses) == 2
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
 
 
 def tiny_run_args(corpus: dict[str, str], run_dir: Path) -> list[str]:

@@ -53,6 +53,18 @@ LAYOUTS = {
         pipelined("1F1B", dp_shard=2, tensor_parallel=2),
         {"sequence_parallel": True},
     ),
+    # Per part: activation checkpointing and compile (aot_eager) on each stage's blocks.
+    "pp2_checkpointing_compile": (
+        2,
+        pipelined("Interleaved1F1B").model_copy(
+            update={
+                "checkpoint_activations": True,
+                "compile_model": True,
+                "compile_backend": "aot_eager",
+            }
+        ),
+        {},
+    ),
 }
 
 
@@ -63,6 +75,15 @@ def test_pipeline_composed_with_other_layouts_matches_one_process(layout):
         train, world_size, params, "adamw", n_layers=BLOCKS, timeout=600, **overrides
     )
     assert_matches_reference(results, "adamw", pipelined=True, n_layers=BLOCKS)
+
+
+def test_clipping_uses_the_norm_of_every_stages_gradients():
+    # A clip far below the gradient norm scales every step; a rank that clipped by its own
+    # stage's norm only would diverge from one process at once.
+    results = run_on_ranks(
+        train, 2, pipelined("1F1B"), "sgd", n_layers=BLOCKS, clip=0.01, timeout=300
+    )
+    assert_matches_reference(results, "sgd", pipelined=True, n_layers=BLOCKS, clip=0.01)
 
 
 def test_token_normalized_loss_under_pipeline_and_ddp_matches_one_process():

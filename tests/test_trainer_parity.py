@@ -42,7 +42,7 @@ def full_weights(trainer: ParityTrainer) -> dict[str, torch.Tensor]:
 
 
 def parity_config(
-    device_parameters: DeviceParameters, optimizer: str, **overrides: Any
+    device_parameters: DeviceParameters, optimizer: str, clip: float = 1.0, **overrides: Any
 ) -> ParityConfig:
     return ParityConfig(
         seed=7,
@@ -50,7 +50,7 @@ def parity_config(
         lr=1e-3 if optimizer == "adamw" else 0.5,
         device_parameters=device_parameters,
         training_parameters=TrainingParameters(
-            n_epochs=1, max_steps=STEPS, gradient_accumulation_steps=2, gradient_clip_val=1.0
+            n_epochs=1, max_steps=STEPS, gradient_accumulation_steps=2, gradient_clip_val=clip
         ),
         logging_parameters={"log_every_n_steps": 1, "backends": []},
         **overrides,

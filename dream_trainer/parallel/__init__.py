@@ -9,6 +9,7 @@ imports torchao.
 
 from dream_trainer.parallel.blocks import declared_blocks
 from dream_trainer.parallel.compile import compile_module
+from dream_trainer.parallel.context import context_parallel_attention, sequence_positions
 from dream_trainer.parallel.fully_shard import apply_fully_shard, fully_shard
 from dream_trainer.parallel.grad_norm import clip_grads_by_total_norm_, total_grad_norm
 from dream_trainer.parallel.materialize import load_full_weights
@@ -35,6 +36,7 @@ __all__ = [
     "clip_grads_by_total_norm_",
     "colwise_parallel",
     "compile_module",
+    "context_parallel_attention",
     "declared_blocks",
     "fully_shard",
     "load_full_weights",
@@ -44,5 +46,6 @@ __all__ = [
     "prepare_module_output",
     "rowwise_parallel",
     "sequence_parallel",
+    "sequence_positions",
     "total_grad_norm",
 ]

@@ -14,6 +14,7 @@ from torch import nn
 from dream_trainer.configs import TrainerConfig
 from dream_trainer.trainer.callback import Callback, CallbackCollection
 from dream_trainer.trainer.console_logging import ensure_console_logging
+from dream_trainer.trainer.context_batches import ContextParallelBatches
 from dream_trainer.trainer.forward_backward import ForwardBackward
 from dream_trainer.trainer.reduce import (
     as_scalar_tensor,
@@ -59,6 +60,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         self.validation_results: dict[str, float] = {}
         self.last_train_metrics: dict[str, float] = {}
         self.run_id: str | None = None
+        self._context_batches = ContextParallelBatches()  # replaced once the world launches
         self._init_stepping()
 
     # Hooks for users
@@ -144,6 +146,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             ensure_console_logging()
             self.callbacks.pre_launch()
             self.world.launch()
+            self._context_batches = ContextParallelBatches(self.world)
             self._open_run_directory()
             self.callbacks.post_launch()
             torch.manual_seed(self.config.seed)
@@ -209,8 +212,9 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         for batch_idx, batch in batches:
             self._micro_batch_index = batch_idx % accum
             batch = move_to_device(batch, self.device)
-            self.callbacks.pre_train_step(batch, batch_idx)
-            result = self.training_step(batch, batch_idx)
+            with self._context_batches.batch(batch, "training") as batch:
+                self.callbacks.pre_train_step(batch, batch_idx)
+                result = self.training_step(batch, batch_idx)
             if not isinstance(result, dict):
                 raise TypeError(
                     f"training_step must return a dict of scalar metrics, got {type(result).__name__}"
@@ -264,8 +268,9 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         count = torch.zeros((), device=self.device)
         for batch_idx, batch in agreed_batches(loader, limit, self.world, 1, "validation"):
             batch = move_to_device(batch, self.device)
-            self.callbacks.pre_validation_step(batch, batch_idx)
-            result = self.validation_step(batch, batch_idx)
+            with self._context_batches.batch(batch, "validation") as batch:
+                self.callbacks.pre_validation_step(batch, batch_idx)
+                result = self.validation_step(batch, batch_idx)
             self.callbacks.post_validation_step(result, batch_idx)
             n = infer_batch_size(batch)
             for name, value in result.items():

@@ -258,6 +258,23 @@ class PackedDataset(Dataset[dict[str, torch.Tensor]]):
         return {**self.__dict__, "_tokens": None}
 
 
+class WithDocumentIds(Dataset[dict[str, torch.Tensor]]):
+    """A packed dataset whose items also carry ``document_ids``: for every input token, the
+    index within its chunk of the document it belongs to (a new document starts at each bos),
+    for document-causal attention over packed sequences."""
+
+    def __init__(self, dataset: Dataset[dict[str, torch.Tensor]], bos_id: int) -> None:
+        self.dataset, self.bos_id = dataset, bos_id
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.dataset[index]
+        starts = (item["input_ids"] == self.bos_id).to(torch.int64)
+        return {**item, "document_ids": torch.cumsum(starts, dim=0)}
+
+
 def build_dataset(
     source: DocumentSource | str | os.PathLike[str],
     tokenizer: Tokenizer,

@@ -22,9 +22,11 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from dream_trainer.parallel import (
     StyleConstructor,
     colwise_parallel,
+    context_parallel_attention,
     prepare_module_input,
     rowwise_parallel,
     sequence_parallel,
+    sequence_positions,
 )
 from examples.llama3.configs import LlamaArgs, RopeScaling
 
@@ -59,19 +61,15 @@ def rope_table(args: LlamaArgs, device: torch.device | str | None = None) -> tor
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of ``x`` (batch, seq, heads, head_dim) by ``rope[:seq]``."""
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of ``x`` (batch, seq, heads, head_dim) by ``rope[positions]``.
+
+    ``positions`` are the tokens' places in the whole sequence: under context parallelism a
+    rank's tokens are not ``0..seq-1`` (see ``sequence_positions``).
+    """
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    rotated = pairs * rope[: x.shape[1]].view(1, x.shape[1], 1, -1)
+    rotated = pairs * rope[positions].view(1, x.shape[1], 1, -1)
     return torch.view_as_real(rotated).flatten(-2).type_as(x)
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """Repeat each kv head ``n_rep`` times along dim 1 of (batch, kv_heads, seq, head_dim)."""
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
 class RMSNorm(nn.Module):
@@ -104,23 +102,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, kv_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         bsz, seqlen = x.shape[0], x.shape[1]
-        if seqlen > rope.shape[0]:
+        positions = sequence_positions(seqlen, device=x.device)
+        if int(positions[-1]) >= rope.shape[0]:
             raise ValueError(
-                f"Sequence length {seqlen} exceeds max_seq_len {rope.shape[0]}; raise "
-                "max_seq_len in the model config or feed shorter sequences."
+                f"Sequence length {int(positions.max()) + 1} exceeds max_seq_len {rope.shape[0]}; "
+                "raise max_seq_len in the model config or feed shorter sequences."
             )
         # -1 resolves to the local head count, so the same code runs with colwise-sharded wq/wk/wv.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = apply_rope(q, rope, positions), apply_rope(k, rope, positions)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        n_rep = q.shape[1] // k.shape[1]
-        out = F.scaled_dot_product_attention(
-            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True
-        )
+        # SDPA, or under context parallelism attention over the whole split sequence.
+        out = context_parallel_attention(q, k, v, is_causal=True, document_ids=document_ids)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -149,8 +148,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, document_ids=document_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -263,10 +264,14 @@ class Transformer(nn.Module):
             and self.output.weight is self.tok_embeddings.weight
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (or hidden states on a pipeline stage without the head) of token ids ``x``.
+
+        ``document_ids`` (batch, seq) makes attention document-causal for packed sequences.
+        """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         for layer in self.layers.values():
-            h = layer(h, self.rope)
+            h = layer(h, self.rope, document_ids=document_ids)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -35,7 +35,7 @@ from examples.llama3.configs import (
     describe_override_errors,
     get_model_args,
 )
-from examples.llama3.data import build_dataloader, build_dataset
+from examples.llama3.data import WithDocumentIds, build_dataloader, build_dataset
 from examples.llama3.model import Transformer, count_parameters
 from examples.llama3.presets import PRESETS, preset
 from examples.llama3.tokenizer import Tokenizer, load_tokenizer
@@ -61,6 +61,9 @@ class Llama3Config(DreamTrainerConfig):
     """Validation file; default: held-out documents of ``data`` ("stdlib", text, JSONL)."""
     tokenizer: str | None = None
     """None: a BPE tokenizer trained on the stdlib and cached; or a tokenizers .json / tiktoken file."""
+    document_causal: bool = False
+    """Attend only within each packed document (a new one starts at each bos token) instead of
+    across the whole packed sequence."""
     sample_prompt: str = "def "
     sample_tokens: int = Field(default=48, ge=0)
 
@@ -98,12 +101,25 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> Any:
+    """The model's positional inputs: token ids, and document ids when the batch has them."""
+    if "document_ids" in batch:
+        return batch["input_ids"], batch["document_ids"]
+    return batch["input_ids"]
+
+
 class Llama3Trainer(DreamTrainer):
     config: Llama3Config
 
     def configure_models(self) -> None:
         args = self.config.model_args()
         check_tensor_parallel_degree(args, self.world.tp_size)
+        if self.config.document_causal and self.world.pp_enabled:
+            raise ValueError(
+                "document_causal=True needs the document ids on every pipeline stage, but under "
+                "pipeline parallelism only the first stage gets the batch; set document_causal="
+                "false or pipeline_parallel=1"
+            )
         if self.tokenizer.vocab_size > args.vocab_size:
             raise ValueError(
                 f"The tokenizer has {self.tokenizer.vocab_size} ids but model "
@@ -151,6 +167,10 @@ class Llama3Trainer(DreamTrainer):
             val = build_dataset(cfg.data, self.tokenizer, cfg.seq_len, "validation")
         else:
             val = None
+        if cfg.document_causal:
+            bos = self.tokenizer.bos_id
+            train = WithDocumentIds(train, bos)  # type: ignore[assignment]
+            val = WithDocumentIds(val, bos) if val is not None else None  # type: ignore[assignment]
         loader_args = dict(dp_rank=world.dp_rank, dp_size=world.dp_size, seed=cfg.seed)
         train_loader = build_dataloader(train, cfg.batch_size, shuffle=True, **loader_args)
         val_loader = None
@@ -160,13 +180,15 @@ class Llama3Trainer(DreamTrainer):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         # The same code for every layout: under pipeline parallelism the schedule runs it.
-        loss = self.forward_backward(self.model, batch["input_ids"], batch["labels"], next_token_loss)
+        loss = self.forward_backward(
+            self.model, model_inputs(batch), batch["labels"], next_token_loss
+        )
         if not self.is_accumulating_gradients:
             self.step(self.optimizer)
         return {"loss": loss}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        loss = self.forward_loss(self.model, batch["input_ids"], batch["labels"], next_token_loss)
+        loss = self.forward_loss(self.model, model_inputs(batch), batch["labels"], next_token_loss)
         return {"val_loss": loss}
 
     def validate(self, max_batches: int | None = None, log: bool = True) -> dict[str, float]:
@@ -228,8 +250,12 @@ class PrintSample(Callback[Llama3Trainer]):
 
     def post_setup(self) -> None:
         trainer = self.trainer
+        n = count_parameters(trainer.model)  # DTensor numel is the global size
+        if trainer.world.pp_enabled:  # each pipeline rank holds its own stages
+            total = torch.tensor(n, device=trainer.device)
+            torch.distributed.all_reduce(total, group=trainer.world.get_mesh("pp").get_group())
+            n = int(total)
         if trainer.world.is_global_zero:
-            n = count_parameters(trainer.model)  # DTensor numel is the global size
             print(
                 f"llama3 {trainer.config.model}: ~{n / 1e6:.1f}M parameters, "
                 f"run dir {trainer.run_dir}",

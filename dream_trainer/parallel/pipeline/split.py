@@ -95,7 +95,7 @@ def _balanced_counts(blocks: int, stages: int, first: float, last: float) -> lis
     def best(cost: Callable[[float], float], limit: float) -> tuple[float, list[int]]:
         # table[s][b]: cheapest (cost, counts) for stages 0..s-1 holding the first b blocks,
         # with every stage's weight at most ``limit``; cost adds up per stage.
-        inf = (float("inf"), [])
+        inf: tuple[float, list[int]] = (float("inf"), [])
         table: list[list[tuple[float, list[int]]]] = [
             [inf] * (blocks + 1) for _ in range(stages + 1)
         ]

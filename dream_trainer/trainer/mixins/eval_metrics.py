@@ -24,8 +24,9 @@ def require_torchmetrics() -> Any:
 class EvalMetricMixin(BaseTrainer):
     """Assign ``torchmetrics`` metrics in ``configure_metrics``; update them in ``validation_step``.
 
-    At the end of each validation they are computed over all data-parallel ranks (not the TP or
-    PP peers, which see the same samples), added to the validation results and reset.
+    At the end of each validation they are computed over all data- and context-parallel ranks
+    (not the TP or PP peers, which see the same tokens), added to the validation results and
+    reset.
     """
 
     def configure_metrics(self) -> None:
@@ -43,7 +44,9 @@ class EvalMetricMixin(BaseTrainer):
         kinds = (torchmetrics.Metric, torchmetrics.MetricCollection)
         with assigned_during(self, lambda v: isinstance(v, kinds)) as found:
             self.configure_metrics()
-        group = self.world.get_mesh("dp").get_group() if self.world.dp_size > 1 else None
+        # Context-parallel ranks see other tokens of the same samples: they sync too.
+        mesh = self.world.get_mesh("dp_cp")
+        group = mesh.get_group() if mesh.size() > 1 else None
         for metric in found.values():
             metric.to(self.device)
             metrics = metric.values() if hasattr(metric, "values") else [metric]

@@ -105,12 +105,12 @@ class ModelSetupMixin(BaseTrainer):
             check_tensor_parallel_applied(self.named_models(), type(self).__name__)
 
     def apply_context_parallel(self, cp_mesh: DeviceMesh) -> None:
-        """Prepare models for sequence sharding over ``cp_mesh``; no default exists yet."""
-        raise NotImplementedError(
-            f"context_parallel={cp_mesh.size()} was requested but {type(self).__name__} does not "
-            "implement apply_context_parallel(self, cp_mesh); implement it or set "
-            "context_parallel=1"
-        )
+        """Prepare models for sequences split over ``cp_mesh``; default: nothing to change.
+
+        Context parallelism is per batch: the trainer cuts every batch along the sequence and
+        ``context_parallel_attention`` (which the model must call) exchanges keys and values.
+        Override to swap in such an attention for a model that does not call it.
+        """
 
     def apply_pipeline_parallel(self, pp_mesh: DeviceMesh) -> dict[str, list[nn.Module]]:
         """Split each model into the stages this rank holds; returns ``{name: [part, ...]}``.
