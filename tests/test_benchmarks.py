@@ -1,4 +1,5 @@
-"""Smoke tests of benchmarks/overhead.py: it runs, and both of its loops do the same work.
+"""Smoke tests of the benchmarks: overhead.py runs and both of its loops do the same work;
+pipeline.py runs its schedules on 2 ranks and prints a row for each.
 
 No timing is asserted here; speed is measured by running the benchmark itself.
 """
@@ -9,7 +10,7 @@ import re
 
 import pytest
 
-from benchmarks import overhead
+from benchmarks import overhead, pipeline
 from tests.multirank import run_on_ranks
 
 TINY = overhead.Sizes(vocab=32, dim=16, layers=2, heads=2, seq=8, batch=2)
@@ -52,3 +53,37 @@ def loss_gap_on_ranks(layout: str) -> float:
 def test_two_rank_loops_follow_the_same_loss_trajectory(layout: str) -> None:
     gaps = run_on_ranks(loss_gap_on_ranks, 2, layout)
     assert max(gaps) < 1e-5, gaps
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """The markdown table's rows by their first cell."""
+    rows = [
+        line.strip().strip("|").split("|") for line in out.splitlines() if line.startswith("| ")
+    ]
+    return {cells[0].strip(): [c.strip() for c in cells] for cells in rows}
+
+
+@pytest.mark.multirank
+def test_pipeline_smoke_prints_a_row_per_schedule(capsys: pytest.CaptureFixture[str]) -> None:
+    pipeline.main(["--smoke"])  # 2 ranks, GPipe and Interleaved1F1B, tiny model, 3 timed steps
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    header = rows.pop("schedule")
+    column = {name: index for index, name in enumerate(header)}
+    for label in ("no PP, whole batch (before)", "no PP, accumulated (before)"):
+        assert float(rows[label][column["step ms"]]) > 0, out
+    for schedule in pipeline.SMOKE_SCHEDULES:
+        assert schedule in rows, out
+        cells = rows[schedule]
+        assert len(cells) == len(header), cells
+        assert float(cells[column["step ms"]]) > 0, cells
+        assert float(cells[column["PP/no-PP"]]) > 0, cells
+        mean, worst = float(cells[column["bubble mean"]]), float(cells[column["bubble max"]])
+        assert 0 <= mean <= worst <= 1, cells
+        assert 0 <= float(cells[column["in P2P"]]) <= 1, cells
+        assert 0 <= float(cells[column["outside schedule"]]) <= 1, cells
+        p, v, m = 2, int(cells[column["stages/rank"]]), int(cells[column["microbatches"]])
+        assert float(cells[column["theory"]]) == pytest.approx((p - 1) / (v * m + p - 1), abs=1e-3)
+    assert rows["GPipe"][column["stages/rank"]] == "1"
+    assert rows["Interleaved1F1B"][column["stages/rank"]] == "2"
+    assert "load average before:" in out and "load average after:" in out

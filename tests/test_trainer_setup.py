@@ -294,11 +294,12 @@ def test_tensor_parallel_without_a_plan_names_the_model_and_apply_tensor_paralle
         assert_error(result, "RuntimeError", "model (MLP)", "MLPTrainer.apply_tensor_parallel")
 
 
-def test_context_parallel_without_its_hook_says_to_implement_it():
+def test_context_parallel_on_a_model_without_context_parallel_attention_says_what_to_call():
+    # The MLP has no attention: the sharded inputs fail its first layer, and the error says why.
     params = DeviceParameters(dp_shard=1, context_parallel=2)
     for result in run_on_ranks(fit_caught, 2, MLPTrainer, params):
         assert_error(
-            result, "NotImplementedError", "context_parallel=2", "implement apply_context_parallel"
+            result, "RuntimeError", "context_parallel=2", "context_parallel_attention(q, k, v"
         )
 
 

@@ -1,6 +1,7 @@
 """Typed, validated configuration (pydantic v2). Unknown keys are errors; JSON round-trips exactly."""
 
 from dream_trainer.configs.base import ConfigModel, DType
+from dream_trainer.configs.checkpoint import CheckpointParameters
 from dream_trainer.configs.cli import (
     OverrideError,
     apply_overrides,
@@ -14,6 +15,7 @@ from dream_trainer.configs.device import (
     PipelineParallelConfig,
 )
 from dream_trainer.configs.trainer import (
+    CheckpointConfigMixin,
     DreamTrainerConfig,
     LoggerConfigMixin,
     LoggingParameters,
@@ -23,6 +25,8 @@ from dream_trainer.configs.trainer import (
 from dream_trainer.configs.training import TrainingParameters
 
 __all__ = [
+    "CheckpointConfigMixin",
+    "CheckpointParameters",
     "CommParameters",
     "ConfigModel",
     "ContextParallelConfig",

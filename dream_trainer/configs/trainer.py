@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from dream_trainer.configs.base import ConfigModel
+from dream_trainer.configs.checkpoint import CheckpointParameters
 from dream_trainer.configs.device import DeviceParameters
 from dream_trainer.configs.training import TrainingParameters
 
@@ -61,5 +62,13 @@ class LoggerConfigMixin(ConfigModel):
     logging_parameters: LoggingParameters = Field(default_factory=LoggingParameters)
 
 
-class DreamTrainerConfig(LoggerConfigMixin, ModelSetupConfigMixin, TrainerConfig):
+class CheckpointConfigMixin(ConfigModel):
+    """Options of :class:`~dream_trainer.trainer.CheckpointMixin`."""
+
+    checkpoint_parameters: CheckpointParameters = Field(default_factory=CheckpointParameters)
+
+
+class DreamTrainerConfig(
+    CheckpointConfigMixin, LoggerConfigMixin, ModelSetupConfigMixin, TrainerConfig
+):
     """Config of :class:`~dream_trainer.DreamTrainer`; subclass it to add your own fields."""

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dream_trainer.configs import TrainerConfig
+from dream_trainer.trainer.batches import agreed_batches, set_epoch
 from dream_trainer.trainer.callback import Callback, CallbackCollection
 from dream_trainer.trainer.console_logging import ensure_console_logging
 from dream_trainer.trainer.context_batches import ContextParallelBatches
@@ -61,6 +61,12 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         self.last_train_metrics: dict[str, float] = {}
         self.run_id: str | None = None
         self._context_batches = ContextParallelBatches()  # replaced once the world launches
+        self._epoch_batches = 0
+        """Micro-batches of the current epoch run so far (per rank)."""
+        self._epoch_samples = 0
+        """Samples of the current epoch consumed so far, over all data-parallel ranks."""
+        self._loader_skip = 0
+        """Batches a resumed loader already skips (restored mid-epoch) but still counts in len."""
         self._init_stepping()
 
     # Hooks for users
@@ -182,36 +188,53 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         training = self.config.training_parameters
         while self.current_epoch < training.n_epochs and not self._reached_max_steps():
             self.callbacks.pre_epoch()
-            self._train_epoch()
+            finished = self._train_epoch()
             self.callbacks.post_epoch()
             if training.val_every_n_steps is None and self.val_dataloader is not None:
                 self.validate()
+            if not finished:  # max_steps stopped it part way: a resumed run continues it
+                break
             self.current_epoch += 1
+            self._epoch_batches, self._epoch_samples = 0, 0
 
     def _reached_max_steps(self) -> bool:
         max_steps = self.config.training_parameters.max_steps
         return max_steps is not None and self.global_step >= max_steps
 
-    def _train_epoch(self) -> None:
+    def _train_epoch(self) -> bool:
+        """Train until the epoch ends (True) or max_steps is reached part way (False)."""
         training = self.config.training_parameters
         accum = training.gradient_accumulation_steps
         loader = self.train_dataloader
         if loader is None:
             raise RuntimeError("no training dataloader: configure_dataloaders must return one")
         set_epoch(loader, self.current_epoch)
-        limit = None
+        # After a mid-epoch resume the epoch continues: fewer batches are left in it.
+        done = self._epoch_batches
+        limit = None  # the epoch's own end; max_steps stops the loop below
         if training.train_steps_per_epoch is not None:
-            limit = training.train_steps_per_epoch * accum
-        if training.max_steps is not None:
-            remaining = (training.max_steps - self.global_step) * accum
-            limit = remaining if limit is None else min(limit, remaining)
+            limit = training.train_steps_per_epoch * accum - done
         for model in self.named_models().values():
             model.train()
         running: dict[str, torch.Tensor] = {}
-        batches = agreed_batches(loader, limit, self.world, multiple_of=accum, what="training")
+        progress: dict[str, int | None] = {}
+        batches = agreed_batches(
+            loader,
+            limit,
+            self.world,
+            multiple_of=accum,
+            what="training",
+            skip=self._loader_skip,
+            progress=progress,
+        )
+        self._loader_skip = 0
+        ran = 0
         for batch_idx, batch in batches:
+            ran += 1
             self._micro_batch_index = batch_idx % accum
             batch = move_to_device(batch, self.device)
+            self._epoch_batches += 1
+            self._epoch_samples += infer_batch_size(batch) * self.world.dp_size
             with self._context_batches.batch(batch, "training") as batch:
                 self.callbacks.pre_train_step(batch, batch_idx)
                 result = self.training_step(batch, batch_idx)
@@ -219,27 +242,35 @@ class BaseTrainer(GradientStepping, ForwardBackward):
                 raise TypeError(
                     f"training_step must return a dict of scalar metrics, got {type(result).__name__}"
                 )
+            completes_step = not self.is_accumulating_gradients
+            if completes_step:
+                if not self._stepped_this_group and self.named_optimizers():
+                    raise RuntimeError(
+                        "training_step did not call self.step(optimizer) on the last micro-batch "
+                        f"of step {self.global_step} (is_accumulating_gradients was False)"
+                    )
+                self._end_accumulation_group()
+                self.global_step += 1  # before post_train_step: it sees the completed count
             self.callbacks.post_train_step(result, batch_idx)
             for name, value in result.items():
                 scalar = as_scalar_tensor(name, value, self.device)
                 running[name] = running[name] + scalar if name in running else scalar
-            if self.is_accumulating_gradients:
+            if not completes_step:
                 continue
-            if not self._stepped_this_group and self.named_optimizers():
-                raise RuntimeError(
-                    "training_step did not call self.step(optimizer) on the last micro-batch of "
-                    f"step {self.global_step} (is_accumulating_gradients was False)"
-                )
-            self._end_accumulation_group()
-            self.global_step += 1
             self._maybe_log_train_metrics(running, accum)
             running = {}
             every = training.val_every_n_steps
             if every and self.val_dataloader is not None and self.global_step % every == 0:
                 self.validate()
+            self.after_train_step()
             if self._reached_max_steps():
                 break
         self._micro_batch_index = 0
+        total = progress.get("total")
+        return not self._reached_max_steps() or (total is not None and ran == total)
+
+    def after_train_step(self) -> None:
+        """Runs after each optimizer step's logging and validation (checkpointing hooks in here)."""
 
     def _maybe_log_train_metrics(self, running: dict[str, torch.Tensor], accum: int) -> None:
         every = self.log_every_n_steps
@@ -308,115 +339,3 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             torch.set_rng_state(rng["torch"])
         if self.device.type in rng:
             torch.get_device_module(self.device.type).set_rng_state(rng[self.device.type])
-
-
-def set_epoch(loader: Any, epoch: int) -> None:
-    """Tell the loader's sampler (or batch sampler) which epoch starts, for reshuffling."""
-    for owner in (loader, getattr(loader, "batch_sampler", None)):
-        sampler = getattr(owner, "sampler", None)
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-            return
-
-
-def agreed_batches(
-    loader: Iterable[Any],
-    limit: int | None,
-    world: DistributedWorld,
-    multiple_of: int,
-    what: str,
-) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index, batch)`` for a count every rank agrees on, so none waits in a collective.
-
-    The count is a multiple of ``multiple_of`` (whole accumulation groups only). With
-    ``len(loader)`` the ranks agree once on the smallest length; otherwise they read one group
-    at a time and agree that every rank has a whole group before yielding it.
-    """
-    group = world.cpu_group if world.world_size > 1 else None
-    try:
-        local = len(loader)  # type: ignore[arg-type]
-    except (TypeError, NotImplementedError):  # e.g. a DataLoader over an IterableDataset
-        local = None
-    if local is not None:
-        if limit is not None:
-            local = min(local, limit)
-        lengths = [local]
-        if group is not None:
-            gathered = [torch.zeros(1, dtype=torch.int64) for _ in range(world.world_size)]
-            dist.all_gather(gathered, torch.tensor([local]), group=group)
-            lengths = [int(t.item()) for t in gathered]
-        smallest = min(lengths)
-        total = smallest // multiple_of * multiple_of
-        if total == 0 and local > 0 and what == "training":
-            raise RuntimeError(
-                f"the {what} dataloader yields {smallest} batches on the smallest "
-                f"rank, fewer than gradient_accumulation_steps={multiple_of}; make batches "
-                "smaller or lower gradient_accumulation_steps"
-            )
-        _warn_about_uneven_shares(what, lengths, total, world.rank)
-        iterator = iter(loader)
-        for index in range(total):
-            yield index, next(iterator)
-        return
-    iterator = iter(loader)
-    index = 0
-    while limit is None or index + multiple_of <= limit:
-        pending = []
-        for _ in range(multiple_of):
-            batch = next(iterator, _END)
-            if batch is _END:
-                break
-            pending.append(batch)
-        flag = torch.tensor([1 if len(pending) == multiple_of else 0])
-        if group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-        if not flag.item():
-            if pending:
-                logger.warning(
-                    "the %s dataloader ran out inside an accumulation group; dropping %d "
-                    "micro-batches so no partial group reaches the optimizer",
-                    what,
-                    len(pending),
-                )
-            return
-        for batch in pending:
-            yield index, batch
-            index += 1
-
-
-_END = object()
-
-
-def _warn_about_uneven_shares(what: str, lengths: list[int], used: int, rank: int) -> None:
-    """Say (once, from rank 0) when ranks have no batches or some drop batches to stay in step."""
-    if rank != 0:
-        return
-    empty = [r for r, n in enumerate(lengths) if n == 0]
-    if empty:
-        logger.warning(
-            "the %s dataloader yields 0 batches on rank(s) %s (batches per rank: %s), so %s "
-            "runs no steps; give every data-parallel rank at least one batch (a larger dataset, "
-            "smaller batches or fewer ranks)",
-            what,
-            empty,
-            lengths,
-            what,
-        )
-    elif min(lengths) == max(lengths) > used:
-        logger.warning(
-            "the %s dataloader yields %d batches per rank; the last %d do not fill a whole "
-            "accumulation group and are skipped this pass",
-            what,
-            lengths[0],
-            lengths[0] - used,
-        )
-    elif max(lengths) > used:
-        dropped = {r: n - used for r, n in enumerate(lengths) if n > used}
-        logger.warning(
-            "the %s dataloader yields different numbers of batches per rank (%s); every rank "
-            "runs %d so none waits in a collective, dropping %s batches (rank: count) this pass",
-            what,
-            lengths,
-            used,
-            dropped,
-        )

@@ -45,15 +45,32 @@ class ContextParallelBatches:
         local = shard_batch(batch, layout, multiple=self.tp_multiple)
         layout.attention_calls = 0
         with activated(layout):
-            yield local
-        if not self._checked:
-            if layout.attention_calls == 0:
+            try:
+                yield local
+            except Exception as error:
+                if self._checked or layout.attention_calls:
+                    raise
                 raise RuntimeError(
-                    f"context_parallel={layout.size} but the {what} step computed no attention "
-                    "through dream_trainer.parallel.context.context_parallel_attention: each "
-                    "rank would attend within its own shard of the sequence. Call "
-                    "context_parallel_attention(q, k, v, ...) in the model instead of "
-                    "scaled_dot_product_attention (and sequence_positions for rotary "
-                    "embeddings), or set context_parallel=1"
-                )
-            self._checked = True
+                    f"{self._bypassed(what)} The step failed with {type(error).__name__}: {error}"
+                ) from error
+        self.check_attention_used(what)
+
+    def check_attention_used(self, what: str) -> None:
+        """Raise unless the running step's attention went through the layout (checked once)."""
+        layout = self.layout
+        if layout is None or self._checked:
+            return
+        if layout.attention_calls == 0:
+            raise RuntimeError(self._bypassed(what))
+        self._checked = True
+
+    def _bypassed(self, what: str) -> str:
+        assert self.layout is not None
+        return (
+            f"context_parallel={self.layout.size} cuts each sequence over the cp ranks, but the "
+            f"{what} step computed no attention through dream_trainer.parallel."
+            "context_parallel_attention: each rank would attend within its own shard only. "
+            "Call context_parallel_attention(q, k, v, ...) in the model instead of "
+            "scaled_dot_product_attention (and sequence_positions for rotary embeddings), or "
+            "set context_parallel=1."
+        )

@@ -22,6 +22,7 @@ from dream_trainer.parallel.grad_norm import (
 if TYPE_CHECKING:
     from dream_trainer.configs import TrainerConfig
     from dream_trainer.trainer.callback import CallbackCollection
+    from dream_trainer.trainer.context_batches import ContextParallelBatches
     from dream_trainer.world import DistributedWorld
 
 logger = logging.getLogger("dream_trainer.trainer")
@@ -58,6 +59,7 @@ class GradientStepping:
 
     # Provided by BaseTrainer.
     config: TrainerConfig
+    _context_batches: ContextParallelBatches
     world: DistributedWorld
     callbacks: CallbackCollection
     global_step: int
@@ -178,6 +180,8 @@ class GradientStepping:
                 f"{self.config.training_parameters.gradient_accumulation_steps}); "
                 "guard it with `if not self.is_accumulating_gradients:`"
             )
+        # No update from a step whose attention ignored context parallelism.
+        self._context_batches.check_attention_used("training")
         params = self._params_of(optimizer)
         training = self.config.training_parameters
         if self._token_mode:
