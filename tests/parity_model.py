@@ -156,6 +156,7 @@ class ParityConfig(DreamTrainerConfig):
     dataset_size: int = 128
     token_normalized: bool = False
     n_layers: int = LAYERS
+    shuffle: bool = False
 
 
 class ParityTrainer(DreamTrainer):
@@ -175,7 +176,7 @@ class ParityTrainer(DreamTrainer):
     def configure_dataloaders(self) -> tuple[Any, Any]:
         data = TokenDataset(self.config.dataset_size)
         per_rank = self.config.global_batch // self.world.dp_size
-        sampler = self.distributed_sampler(data, shuffle=False)
+        sampler = self.distributed_sampler(data, shuffle=self.config.shuffle)
         return DataLoader(data, batch_size=per_rank, sampler=sampler), None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:

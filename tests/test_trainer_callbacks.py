@@ -138,7 +138,12 @@ def test_callback_state_round_trips_through_the_trainer_state_dict(fitted):
     trainer, _ = fitted
     n = len(expected_events())
     state = trainer.state_dict()
-    assert state["trainer"] == {"global_step": EPOCHS * STEPS, "current_epoch": EPOCHS}
+    assert state["trainer"] == {
+        "global_step": EPOCHS * STEPS,
+        "current_epoch": EPOCHS,
+        "epoch_batches": 0,
+        "epoch_samples": 0,
+    }
     assert state["callbacks"] == {
         "Recorder#0": {"events": n},
         "OtherRecorder": {"events": n},

@@ -43,16 +43,18 @@ def _is_container(module: nn.Module) -> bool:
     )
 
 
-def fully_shard(module: nn.Module | list[nn.Module], **kwargs: Any) -> Any:
+def fully_shard(module: nn.Module | list[nn.Module] | None, **kwargs: Any) -> Any:
     """torch's ``fully_shard``, which also accepts a container of modules.
 
     A module (or a list of modules sharded as one group) goes to
     ``torch.distributed.fsdp.fully_shard`` unchanged. A container that never runs as a unit
     (``nn.ModuleList``, ``nn.ModuleDict``, a module without ``forward``) has each child sharded
     instead (children that are sharded already are left as they are), as
-    ``fully_shard(self.layers, **config)`` means in the parallelism guide. Returns what torch
-    returns, or the container.
+    ``fully_shard(self.layers, **config)`` means in the parallelism guide. ``None`` (a module a
+    pipeline stage does not hold) is left alone. Returns what torch returns, or the container.
     """
+    if module is None:
+        return None
     if isinstance(module, nn.Module) and _is_container(unwrap_compiled(module)):
         for child in unwrap_compiled(module).children():
             if not isinstance(unwrap_compiled(child), FSDPModule):

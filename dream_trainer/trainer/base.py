@@ -105,6 +105,23 @@ class BaseTrainer(GradientStepping, ForwardBackward):
     def named_schedulers(self) -> dict[str, Any]:
         return {}
 
+    def _model_of(self, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """The model whose parameters ``optimizer`` holds (a ModuleDict when it spans several)."""
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        owners = {
+            name: model
+            for name, model in self.named_models().items()
+            if any(id(p) in held for p in model.parameters())
+        }
+        if len(owners) == 1:
+            return next(iter(owners.values()))
+        return nn.ModuleDict(owners)
+
+    def named_dataloaders(self) -> dict[str, Any]:
+        """The loaders in use, by role (``train``, ``val``)."""
+        loaders = {"train": self.train_dataloader, "val": self.val_dataloader}
+        return {role: loader for role, loader in loaders.items() if loader is not None}
+
     def log_dict(self, metrics: dict[str, float], step: int) -> None:
         """Send reduced metrics somewhere; the base trainer keeps them only in memory."""
 
@@ -321,21 +338,36 @@ class BaseTrainer(GradientStepping, ForwardBackward):
     # State that must survive a restart
 
     def state_dict(self) -> dict[str, Any]:
+        return {
+            "trainer": {
+                "global_step": self.global_step,
+                "current_epoch": self.current_epoch,
+                "epoch_batches": self._epoch_batches,
+                "epoch_samples": self._epoch_samples,
+            },
+            "callbacks": self.callbacks.state_dict(),
+            "rng": self.rng_state(),
+        }
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This rank's RNG states: torch's, and the accelerator's on one."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type != "cpu":
             rng[self.device.type] = torch.get_device_module(self.device.type).get_rng_state()
-        return {
-            "trainer": {"global_step": self.global_step, "current_epoch": self.current_epoch},
-            "callbacks": self.callbacks.state_dict(),
-            "rng": rng,
-        }
+        return rng
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.global_step = int(state_dict["trainer"]["global_step"])
-        self.current_epoch = int(state_dict["trainer"]["current_epoch"])
-        self.callbacks.load_state_dict(state_dict.get("callbacks", {}))
-        rng = state_dict.get("rng", {})
+    def set_rng_state(self, rng: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`rng_state` returned (states of other devices are ignored)."""
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
-        if self.device.type in rng:
+        if self.device.type != "cpu" and self.device.type in rng:
             torch.get_device_module(self.device.type).set_rng_state(rng[self.device.type])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        trainer = state_dict["trainer"]
+        self.global_step = int(trainer["global_step"])
+        self.current_epoch = int(trainer["current_epoch"])
+        self._epoch_batches = int(trainer.get("epoch_batches", 0))
+        self._epoch_samples = int(trainer.get("epoch_samples", 0))
+        self.callbacks.load_state_dict(state_dict.get("callbacks", {}))
+        self.set_rng_state(state_dict.get("rng", {}))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dream_trainer.configs import DreamTrainerConfig
-from dream_trainer.trainer.mixins import EvalMetricMixin, LoggerMixin, SetupMixin
+from dream_trainer.trainer.mixins import CheckpointMixin, EvalMetricMixin, LoggerMixin, SetupMixin
 
 
-class DreamTrainer(LoggerMixin, EvalMetricMixin, SetupMixin):
+class DreamTrainer(CheckpointMixin, LoggerMixin, EvalMetricMixin, SetupMixin):
     """Subclass it, implement the ``configure_*`` hooks and ``training_step``, call ``fit()``."""
 
     config: DreamTrainerConfig  # type: ignore[assignment]

@@ -33,6 +33,7 @@ class GlobalOrderSampler(Sampler[int]):
         self.dataset, self.num_replicas, self.rank = dataset, num_replicas, rank
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
+        self._yielded = 0
         self.start = 0
         """Global position in this epoch's order where iteration begins (after a resume)."""
 
@@ -48,7 +49,7 @@ class GlobalOrderSampler(Sampler[int]):
             raise ValueError(
                 f"cannot resume at sample {position} of a dataset of {len(self.dataset)}"
             )
-        self.epoch, self.start = epoch, position
+        self.epoch, self.start, self._yielded = epoch, position, 0
 
     def order(self) -> list[int]:
         """This epoch's global order of dataset indices."""
@@ -72,4 +73,16 @@ class GlobalOrderSampler(Sampler[int]):
         share = self._share()
         if not self.drop_last and share * self.num_replicas > len(order):  # pad like torch
             order += order[: share * self.num_replicas - len(order)]
-        yield from order[self.rank : share * self.num_replicas : self.num_replicas]
+        self._yielded = 0
+        for index in order[self.rank : share * self.num_replicas : self.num_replicas]:
+            self._yielded += 1
+            yield index
+        # A full pass ends the epoch: used on its own, the next pass reshuffles.
+        self.epoch, self.start, self._yielded = self.epoch + 1, 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the global position reached in it (every rank yields alike)."""
+        return {"epoch": self.epoch, "position": self.start + self._yielded * self.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at(int(state["epoch"]), int(state["position"]))

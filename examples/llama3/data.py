@@ -22,8 +22,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from dream_trainer.trainer import GlobalOrderSampler
 from examples.llama3.tokenizer import Tokenizer, build_once, cache_dir, read_text, stdlib_files
 
 Split = Literal["train", "validation", "all"]
@@ -344,26 +344,6 @@ def as_source(source: DocumentSource | str | os.PathLike[str]) -> DocumentSource
     return JsonlSource(path) if path.suffix == ".jsonl" else TextFileSource(path)
 
 
-class ResumableDistributedSampler(StatefulDistributedSampler):
-    """DistributedSampler whose checkpoint holds the epoch and position; advances epoch per pass.
-
-    The epoch seeds the shuffle, so it no longer needs ``set_epoch`` each epoch (calling it still
-    works).
-    """
-
-    def __iter__(self) -> Iterator[int]:
-        yield from super().__iter__()
-        self.epoch += 1
-        self.yielded = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "epoch": self.epoch}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.epoch = int(state_dict["epoch"])
-
-
 def build_dataloader(
     dataset: Dataset[Any],
     batch_size: int,
@@ -378,13 +358,21 @@ def build_dataloader(
     """A checkpointable loader over this data-parallel rank's share of ``dataset``.
 
     Every rank gets ``len(dataset) // dp_size`` samples (remainder dropped) and full batches only,
-    so all ranks take the same number of steps. Save ``loader.state_dict()`` with the trainer
-    state; ``load_state_dict`` resumes at the next unseen batch.
+    so all ranks take the same number of steps. The trainer's checkpoints resume it at the next
+    unseen sample of the epoch's global order (under any data-parallel degree); on its own,
+    ``loader.state_dict()`` / ``load_state_dict`` resume it at the next unseen batch.
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} must be in 0..{dp_size - 1} for dp_size {dp_size}.")
-    sampler = ResumableDistributedSampler(
-        dataset, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed, drop_last=True
+    # The trainer's global-order sampler: a checkpoint resumes it mid-epoch even after the
+    # data-parallel degree changed.
+    sampler = GlobalOrderSampler(
+        dataset,  # type: ignore[arg-type]
+        num_replicas=dp_size,
+        rank=dp_rank,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=True,
     )
     if len(sampler) < batch_size:
         raise ValueError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
@@ -56,9 +55,9 @@ def check_microbatches(
         rounds = max(1, n // pp_size)
         if n % rounds:
             raise ValueError(
-                f"schedule {name!r} runs microbatches in rounds of {pp_size} (the pipeline "
-                f"degree), so num_microbatches={n} must be a multiple of {rounds}; use e.g. "
-                f"{rounds * pp_size}"
+                f"schedule {name!r} splits num_microbatches={n} into {rounds} equal rounds "
+                f"(num_microbatches // pipeline_parallel={pp_size}), so it must be a multiple of "
+                f"{rounds}; use e.g. {rounds * pp_size}"
             )
     if n < num_stages:
         bubble = (num_stages - 1) / (n + num_stages - 1)
@@ -77,8 +76,3 @@ def check_microbatches(
             f"{n} or change pipeline_parallel_config.num_microbatches"
         )
     return n
-
-
-def schedule_kwargs(cls: type, n_microbatches: int, loss_fn: Any) -> dict[str, Any]:
-    """Arguments for ``cls``: the loss is scaled by the trainer, so the schedule must not."""
-    return {"n_microbatches": n_microbatches, "loss_fn": loss_fn, "scale_grads": False}

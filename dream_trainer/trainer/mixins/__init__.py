@@ -1,5 +1,6 @@
 """Trainer mixins: one per concern, composed into DreamTrainer."""
 
+from dream_trainer.trainer.mixins.checkpoints import CheckpointMixin
 from dream_trainer.trainer.mixins.dataloaders import DataLoaderSetupMixin
 from dream_trainer.trainer.mixins.eval_metrics import EvalMetricMixin
 from dream_trainer.trainer.mixins.loggers import LoggerMixin
@@ -8,6 +9,7 @@ from dream_trainer.trainer.mixins.optimizers import OptimizerAndSchedulerSetupMi
 from dream_trainer.trainer.mixins.setup import SetupMixin
 
 __all__ = [
+    "CheckpointMixin",
     "DataLoaderSetupMixin",
     "EvalMetricMixin",
     "LoggerMixin",

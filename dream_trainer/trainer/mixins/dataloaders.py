@@ -8,11 +8,15 @@ from typing import Any
 from torch.utils.data import Dataset, DistributedSampler
 
 from dream_trainer.trainer.base import BaseTrainer
+from dream_trainer.trainer.samplers import GlobalOrderSampler
 
 logger = logging.getLogger("dream_trainer.trainer")
 
 
-def _warn_about_uneven_split(role: str, sampler: DistributedSampler[Any], rank: int) -> None:
+Sharding = DistributedSampler[Any] | GlobalOrderSampler
+
+
+def _warn_about_uneven_split(role: str, sampler: Sharding, rank: int) -> None:
     """Say (from rank 0) when the dataset does not split evenly over data-parallel ranks."""
     size = len(sampler.dataset)  # type: ignore[arg-type]
     replicas = sampler.num_replicas
@@ -31,12 +35,12 @@ def _warn_about_uneven_split(role: str, sampler: DistributedSampler[Any], rank: 
     else:
         logger.warning(
             "the %s dataset has %d samples, not a multiple of the %d data-parallel ranks: "
-            "DistributedSampler repeats %d samples so every rank gets %d",
+            "the sampler repeats %d samples so every rank gets %d",
             role,
             size,
             replicas,
             replicas - size % replicas,
-            sampler.num_samples,
+            len(sampler),
         )
 
 
@@ -54,10 +58,14 @@ class DataLoaderSetupMixin(BaseTrainer):
 
     def distributed_sampler(
         self, dataset: Dataset[Any], shuffle: bool = True, drop_last: bool = True
-    ) -> DistributedSampler[Any]:
-        """A sampler giving this data-parallel rank a disjoint, equal-sized part of ``dataset``."""
-        return DistributedSampler(
-            dataset,
+    ) -> GlobalOrderSampler:
+        """A sampler giving this data-parallel rank a disjoint, equal-sized part of ``dataset``.
+
+        The same order as torch's ``DistributedSampler`` (seeded by ``config.seed + epoch``),
+        and a checkpoint can resume it mid-epoch under another data-parallel degree.
+        """
+        return GlobalOrderSampler(
+            dataset,  # type: ignore[arg-type]
             num_replicas=self.world.dp_size,
             rank=self.world.dp_rank,
             shuffle=shuffle,
@@ -79,12 +87,12 @@ class DataLoaderSetupMixin(BaseTrainer):
 
     def _check_sampler(self, role: str, loader: Any) -> None:
         sampler = getattr(loader, "sampler", None)
-        if not isinstance(sampler, DistributedSampler):
+        if not isinstance(sampler, (DistributedSampler, GlobalOrderSampler)):
             return
         dp_size, dp_rank = self.world.dp_size, self.world.dp_rank
         if (sampler.num_replicas, sampler.rank) != (dp_size, dp_rank):
             raise ValueError(
-                f"the {role} loader's DistributedSampler has num_replicas={sampler.num_replicas}, "
+                f"the {role} loader's {type(sampler).__name__} has num_replicas={sampler.num_replicas}, "
                 f"rank={sampler.rank}, but this rank is data-parallel rank {dp_rank} of {dp_size} "
                 "(TP/CP/PP peers must read the same data). Build it with "
                 "self.distributed_sampler(dataset) or num_replicas=self.world.dp_size, "
@@ -96,14 +104,14 @@ class DataLoaderSetupMixin(BaseTrainer):
         state = super().state_dict()
         state["dataloaders"] = {
             role: loader.state_dict()
-            for role, loader in (("train", self.train_dataloader), ("val", self.val_dataloader))
-            if loader is not None and hasattr(loader, "state_dict")
+            for role, loader in self.named_dataloaders().items()
+            if hasattr(loader, "state_dict")
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        for role, loader in (("train", self.train_dataloader), ("val", self.val_dataloader)):
+        for role, loader in self.named_dataloaders().items():
             saved = state_dict.get("dataloaders", {}).get(role)
-            if saved is not None and loader is not None and hasattr(loader, "load_state_dict"):
+            if saved is not None and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict(saved)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from dream_trainer.trainer.base import BaseTrainer
+from dream_trainer.trainer.checkpointing.optimizer_state import optimizer_state_dict
 from dream_trainer.trainer.mixins.registry import assigned_during
 
 logger = logging.getLogger("dream_trainer.trainer")
@@ -81,24 +82,10 @@ class OptimizerAndSchedulerSetupMixin(BaseTrainer):
                     missed[0],
                 )
 
-    def _model_of(self, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
-        """The model whose parameters ``optimizer`` holds (a ModuleDict when it spans several)."""
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        owners = {
-            name: model
-            for name, model in self.named_models().items()
-            if any(id(p) in held for p in model.parameters())
-        }
-        if len(owners) == 1:
-            return next(iter(owners.values()))
-        return torch.nn.ModuleDict(owners)
-
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         state["optimizers"] = {
-            name: get_optimizer_state_dict(self._model_of(opt), opt)
+            name: optimizer_state_dict(self._model_of(opt), opt)
             for name, opt in self.named_optimizers().items()
         }
         state["schedulers"] = {n: s.state_dict() for n, s in self.named_schedulers().items()}

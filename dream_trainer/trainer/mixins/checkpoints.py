@@ -1,0 +1,347 @@
+"""CheckpointMixin: periodic, final and on-interrupt checkpoints, and resuming from them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dream_trainer.configs import CheckpointConfigMixin, TrainerConfig
+from dream_trainer.trainer.base import BaseTrainer
+from dream_trainer.trainer.checkpointing.checkpointer import (
+    Checkpointer,
+    join_tensors,
+    rank_file,
+    split_tensors,
+)
+from dream_trainer.trainer.checkpointing.safe_io import read_json
+from dream_trainer.trainer.checkpointing.storage import COMPLETE, complete_checkpoints
+from dream_trainer.trainer.run_directory import experiment_dir
+from dream_trainer.trainer.samplers import GlobalOrderSampler
+
+logger = logging.getLogger("dream_trainer.checkpoint")
+
+
+class _CheckpointConfig(CheckpointConfigMixin, TrainerConfig):
+    pass
+
+
+class CheckpointMixin(BaseTrainer):
+    """Saves every ``every_n_steps`` / ``every_n_minutes``, at the end of ``fit`` and on SIGINT or
+    SIGTERM (then stops), and resumes from the newest complete checkpoint (``resume="auto"``).
+
+    Runs after every other mixin's ``setup``, so the models, optimizers and loaders it restores
+    exist. Checkpoints live in ``{run_dir}/checkpoints``.
+    """
+
+    config: _CheckpointConfig  # type: ignore[assignment]
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``{run_dir}/checkpoints`` of this run."""
+        return self.run_dir / "checkpoints"
+
+    # ---------------------------------------------------------------------- lifecycle
+
+    def setup(self) -> None:
+        super().setup()
+        params = self.config.checkpoint_parameters
+        self._checkpointer: Checkpointer | None = None
+        self._last_saved_step: int | None = None
+        if not (params.enable or params.init_from):
+            return
+        self._checkpointer = Checkpointer(self)
+        if params.init_from:
+            self.load_weights(params.init_from, strict=params.init_strict)
+        if not params.enable:
+            return
+        source = self._resume_source(params.resume)
+        if source is not None:
+            self.load_checkpoint(source)
+            self._last_saved_step = self.global_step
+        self._flags = _StopAndTimeFlags(self._checkpointer.group)
+        self._flags.install_signal_handlers()
+
+    def after_train_step(self) -> None:
+        super().after_train_step()
+        if self._checkpointer is None or not self.config.checkpoint_parameters.enable:
+            return
+        params = self.config.checkpoint_parameters
+        self._checkpointer.poll()
+        minutes = params.every_n_minutes
+        stop, timed = self._flags.agreed(self._checkpointer.seconds_since_save(), minutes)
+        periodic = params.every_n_steps and self.global_step % params.every_n_steps == 0
+        if stop or timed or periodic:
+            self.save_checkpoint()
+        if stop:
+            raise KeyboardInterrupt(
+                f"stopped by {self._flags.signal_name} after step {self.global_step}; its "
+                f"checkpoint is in {self.checkpoint_dir}"
+            )
+
+    def _fit_loop(self) -> None:
+        super()._fit_loop()
+        if self._checkpointer is not None and self.config.checkpoint_parameters.enable:
+            if self._last_saved_step != self.global_step:
+                self.save_checkpoint()
+            self._checkpointer.wait()
+
+    def teardown(self) -> None:
+        try:
+            flags = getattr(self, "_flags", None)
+            if flags is not None:
+                flags.close()
+            if getattr(self, "_checkpointer", None) is not None:
+                self._checkpointer.close()  # type: ignore[union-attr]
+        finally:
+            super().teardown()
+
+    # ------------------------------------------------------------------------- saving
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step (collective: every rank calls it)."""
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(self)
+        params = self.config.checkpoint_parameters
+        path = self._checkpointer.save(self.checkpoint_dir, self._metrics(), params.async_mode)
+        self._last_saved_step = self.global_step
+        return path
+
+    def _metrics(self) -> dict[str, float]:
+        metrics = {f"train/{k}": v for k, v in self.last_train_metrics.items()}
+        metrics.update(self.validation_results)
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    # ------------------------------------------------------------------------ loading
+
+    def _resume_source(self, resume: str) -> Path | None:
+        if resume == "never":
+            return None
+        if resume != "auto":
+            path = Path(resume)
+            if not (path / COMPLETE).is_file():
+                raise FileNotFoundError(
+                    f"checkpoint_parameters.resume={resume!r} is not a complete checkpoint (no "
+                    f"{COMPLETE} in it); give a step_* directory of a run's checkpoints, 'auto' "
+                    "or 'never'"
+                )
+            return path
+        found: list[str | None] = [None]
+        if self.world.is_global_zero:
+            checkpoints = complete_checkpoints(experiment_dir(self.config))
+            found = [str(checkpoints[-1].path) if checkpoints else None]
+        if self.world.world_size > 1:
+            dist.broadcast_object_list(found, src=0, group=self._checkpointer_group())
+        return Path(found[0]) if found[0] is not None else None
+
+    def _checkpointer_group(self) -> Any:
+        assert self._checkpointer is not None
+        return self._checkpointer.group
+
+    def load_weights(self, path: str | Path, strict: bool = True) -> None:
+        """Load only the models' weights from the checkpoint at ``path`` (collective)."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            set_model_state_dict,
+        )
+
+        assert self._checkpointer is not None
+        path = Path(path)
+        template = {"models": {n: get_model_state_dict(m) for n, m in self.named_models().items()}}
+        self._load_into(path, template, strict, what="init_from")
+        for name, model in self.named_models().items():
+            set_model_state_dict(model, template["models"][name])
+        logger.info("models initialized from %s", path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore the run saved at ``path``: models, optimizers, schedulers, counters, callbacks,
+        RNG and the data position (collective: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        assert self._checkpointer is not None
+        path = Path(path)
+        strict = self.config.checkpoint_parameters.strict
+        saved = self._checkpointer.read_trainer_state(path)
+        mine = self._rank_state(path)
+        models = self.named_models()
+        template: dict[str, Any] = {
+            "models": {n: get_model_state_dict(m) for n, m in models.items()},
+            "optimizers": {
+                n: get_optimizer_state_dict(self._model_of(o), o)
+                for n, o in self.named_optimizers().items()
+            },
+        }
+        tensors: dict[str, torch.Tensor] = {}
+        callbacks = split_tensors(self.callbacks.state_dict(), "callbacks", tensors)
+        if tensors:
+            template["callbacks"] = tensors
+        self._load_into(path, template, strict, what="resume")
+        for name, model in models.items():
+            set_model_state_dict(model, template["models"][name])
+        for name, optimizer in self.named_optimizers().items():
+            set_optimizer_state_dict(
+                self._model_of(optimizer), optimizer, template["optimizers"][name]
+            )
+        for name, scheduler in self.named_schedulers().items():
+            if name in saved["schedulers"]:
+                scheduler.load_state_dict(saved["schedulers"][name])
+        self.global_step = int(saved["global_step"])
+        self.current_epoch = int(saved["current_epoch"])
+        self._epoch_batches = int(saved["epoch_batches"])
+        self._epoch_samples = int(saved["epoch_samples"])
+        state_callbacks = mine.get("callbacks", callbacks) if mine else callbacks
+        self.callbacks.load_state_dict(join_tensors(state_callbacks, template.get("callbacks", {})))
+        if mine:
+            self.set_rng_state(mine["rng"])
+        self._restore_data_position(path, saved, mine)
+        if self.world.is_global_zero:
+            logger.info(
+                "resumed from %s at step %d (epoch %d, %d samples into it)",
+                path,
+                self.global_step,
+                self.current_epoch,
+                self._epoch_samples,
+            )
+
+    def _rank_state(self, path: Path) -> dict[str, Any] | None:
+        file = path / rank_file(self.world.rank)
+        return dict(read_json(file)) if file.is_file() else None
+
+    def _load_into(self, path: Path, template: dict[str, Any], strict: bool, what: str) -> None:
+        assert self._checkpointer is not None
+        report = self._checkpointer.key_report(path, template)
+        if report and strict:
+            option = "checkpoint_parameters.strict" if what == "resume" else "init_strict"
+            raise RuntimeError(
+                f"the checkpoint {path} does not match this trainer's models and optimizers: "
+                f"{report}. Fix the model or the checkpoint, or set {option}=false to load the "
+                "keys that match and keep the rest as initialized"
+            )
+        if report and self.world.is_global_zero:
+            logger.warning("loading %s non-strictly: %s", path, report)
+        if report.missing:
+            _drop_keys(template, report.missing)
+        self._checkpointer.load_dcp(path, template, partial=bool(report))
+
+    def _restore_data_position(
+        self, path: Path, saved: dict[str, Any], mine: dict[str, Any] | None
+    ) -> None:
+        loader = self.train_dataloader
+        if loader is None or (self._epoch_batches == 0 and self._epoch_samples == 0):
+            return
+        sampler = _global_order_sampler(loader)
+        if sampler is not None:
+            sampler.resume_at(self.current_epoch, self._epoch_samples)
+            return
+        same_layout = saved["layout"] == self._checkpointer_layout()
+        state = (mine or {}).get("dataloaders", {}).get("train")
+        if same_layout and state is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(state)
+            self._loader_skip = self._epoch_batches  # len(loader) still counts them
+            return
+        why = (
+            f"the checkpoint {path} was saved mid-epoch under layout {saved['layout']}, and this "
+            f"run's layout is {self._checkpointer_layout()}; the training loader ("
+            f"{type(loader).__name__}) cannot continue that epoch's sample order here. Use "
+            "self.distributed_sampler(dataset) (a GlobalOrderSampler, which follows a change of "
+            "data-parallel degree), keep the layout, or set "
+            "checkpoint_parameters.allow_data_order_restart=true to restart the epoch's order"
+        )
+        if not self.config.checkpoint_parameters.allow_data_order_restart:
+            raise RuntimeError(why)
+        if self.world.is_global_zero:
+            logger.warning("restarting the data order of epoch %d: %s", self.current_epoch, why)
+        self._epoch_batches, self._epoch_samples = 0, 0
+
+    def _checkpointer_layout(self) -> dict[str, Any]:
+        assert self._checkpointer is not None
+        return self._checkpointer.layout()
+
+
+def _global_order_sampler(loader: Any) -> GlobalOrderSampler | None:
+    for owner in (loader, getattr(loader, "batch_sampler", None)):
+        sampler = getattr(owner, "sampler", None)
+        if isinstance(sampler, GlobalOrderSampler):
+            return sampler
+    return None
+
+
+def _drop_keys(template: dict[str, Any], dotted: list[str]) -> None:
+    for key in dotted:
+        *parents, leaf = key.split(".")
+        node: Any = template
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+
+
+class _StopAndTimeFlags:
+    """Stop requests (SIGINT/SIGTERM) and time-based saves, agreed by every rank.
+
+    Each step starts a non-blocking all-reduce of this rank's flags and reads the previous
+    step's result, so all ranks act on the same step without waiting on each other.
+    """
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.signal_name: str | None = None
+        self._work: Any = None
+        self._flags = torch.zeros(2)
+        self._previous: dict[int, Any] = {}
+
+    def install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal_name is not None:  # a second one: stop now, without a checkpoint
+            self.close()
+            signal.raise_signal(signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+        logger.warning(
+            "%s received: saving a checkpoint after this step, then stopping", self.signal_name
+        )
+
+    def agreed(self, seconds_since_save: float, every_minutes: float | None) -> tuple[bool, bool]:
+        local = torch.tensor(
+            [
+                float(self.signal_name is not None),
+                float(every_minutes is not None and seconds_since_save >= every_minutes * 60),
+            ]
+        )
+        if self.group is None:
+            return bool(local[0]), bool(local[1])
+        previous = (False, False)
+        if self._work is not None:
+            self._work.wait()
+            previous = (bool(self._flags[0]), bool(self._flags[1]))
+        self._flags = local
+        self._work = dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return previous
+
+    def close(self) -> None:
+        if self._work is not None:
+            with contextlib.suppress(RuntimeError):  # the group may be gone after a failure
+                self._work.wait()
+            self._work = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
