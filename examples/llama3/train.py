@@ -131,6 +131,13 @@ class Llama3Trainer(DreamTrainer):
     def init_weights(self) -> None:
         self.model.init_weights()
 
+    def convert_imported_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hugging Face ``LlamaForCausalLM`` weights (``init_from`` a safetensors export) under
+        this model's names and RoPE layout; other state as it is."""
+        from examples.llama3.hf import from_hf, looks_like_hf
+
+        return from_hf(state, self.config.model_args()) if looks_like_hf(state) else state
+
     def configure_optimizers(self) -> None:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),

@@ -66,7 +66,9 @@ class CheckpointMixin(BaseTrainer):
         if source is not None:
             self.load_checkpoint(source)
             self._last_saved_step = self.global_step
-        self._flags = _StopAndTimeFlags(self._checkpointer.group)
+        # Not the checkpoint group: an async save's collectives run on it from another thread.
+        flag_group = self.world.cpu_group if self.world.world_size > 1 else None
+        self._flags = _StopAndTimeFlags(flag_group)
         self._flags.install_signal_handlers()
 
     def after_train_step(self) -> None:
@@ -146,14 +148,87 @@ class CheckpointMixin(BaseTrainer):
         return self._checkpointer.group
 
     def load_weights(self, path: str | Path, strict: bool = True) -> None:
-        """Load only the models' weights from the checkpoint at ``path`` (collective)."""
+        """Load only the models' weights from the checkpoint at ``path`` (collective).
+
+        ``path`` may also be a ``.safetensors`` file, or a directory with ``model.safetensors``
+        (or its sharded index), for a trainer with one model: every rank reads the whole file
+        and keeps its own shards. Names go through ``self.convert_imported_weights(state)``
+        first when the trainer defines it (e.g. to map another library's names to its own).
+        """
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
             set_model_state_dict,
         )
+        from torch.distributed.tensor import DTensor
+
+        from dream_trainer.parallel.materialize import canonical_name, local_piece
+        from dream_trainer.trainer.checkpointing.checkpointer import KeyReport
+        from dream_trainer.trainer.checkpointing.export import load_safetensors, safetensors_files
 
         assert self._checkpointer is not None
         path = Path(path)
+        files = safetensors_files(path)
+        if files is not None:
+            models = self.named_models()
+            if len(models) != 1:
+                raise ValueError(
+                    f"init_from={str(path)!r} is a safetensors file, which holds one model's "
+                    f"weights, but {type(self).__name__} has {len(models)} models "
+                    f"({', '.join(models)}); use a checkpoint directory instead"
+                )
+            (model,) = models.values()
+            state: dict[str, torch.Tensor] = {}
+            for file in files:
+                state.update(load_safetensors(file))
+            convert = getattr(self, "convert_imported_weights", None)
+            if convert is not None:
+                state = dict(convert(state))
+            # Every name of each tensor (tied weights have several); one in the file is enough.
+            names: dict[int, list[str]] = {}
+            tensors: dict[int, torch.Tensor] = {}
+            for name, tensor in model.state_dict(keep_vars=True).items():
+                names.setdefault(id(tensor), []).append(canonical_name(name))
+                tensors[id(tensor)] = tensor
+            sources = {i: next((state[k] for k in n if k in state), None) for i, n in names.items()}
+            mine = (
+                {k for n in names.values() for k in n},
+                [n[0] for i, n in names.items() if sources[i] is None],
+                [
+                    f"{n[0]} {tuple(s.shape)} (the model's is {tuple(tensors[i].shape)})"
+                    for i, n in names.items()
+                    if (s := sources[i]) is not None and s.shape != tensors[i].shape
+                ],
+            )
+            everyone: list[Any] = [mine]
+            if self._checkpointer.group is not None:  # every rank raises alike
+                everyone = [None] * dist.get_world_size(self._checkpointer.group)
+                dist.all_gather_object(everyone, mine, group=self._checkpointer.group)
+            taken = set().union(*(e[0] for e in everyone))
+            report = KeyReport(
+                sorted({k for e in everyone for k in e[1]}), sorted(set(state) - taken)
+            )
+            wrong = sorted({k for e in everyone for k in e[2]})
+            if wrong:
+                raise ValueError(f"{path} has tensors of other shapes than the model's: {wrong}")
+            if report and strict:
+                raise RuntimeError(
+                    f"the weights in {path} do not match {type(self).__name__}'s model: "
+                    f"{report}. Fix the names (convert_imported_weights) or set "
+                    "init_strict=false to load the names that match and keep the rest as "
+                    "initialized"
+                )
+            if report and self.world.is_global_zero:
+                logger.warning("loading %s non-strictly: %s", path, report)
+            with torch.no_grad():
+                for i, target in tensors.items():
+                    if (source := sources[i]) is None:
+                        continue
+                    if isinstance(target, DTensor):
+                        target.to_local().copy_(local_piece(source, target))
+                    else:
+                        target.copy_(source.to(device=target.device, dtype=target.dtype))
+            logger.info("models initialized from %s", path)
+            return
         template = {"models": {n: get_model_state_dict(m) for n, m in self.named_models().items()}}
         self._load_into(path, template, strict, what="init_from")
         for name, model in self.named_models().items():
@@ -216,8 +291,26 @@ class CheckpointMixin(BaseTrainer):
             )
 
     def _rank_state(self, path: Path) -> dict[str, Any] | None:
+        """This rank's ``rank_{r}.json`` (``None`` if the saving run had fewer ranks).
+
+        A file one rank cannot read fails every rank, so none is left waiting for it.
+        """
         file = path / rank_file(self.world.rank)
-        return dict(read_json(file)) if file.is_file() else None
+        state: dict[str, Any] | None = None
+        error = ""
+        try:
+            state = dict(read_json(file)) if file.is_file() else None
+        except RuntimeError as failure:
+            error = f"rank {self.world.rank}: {failure}"
+        errors = [error]
+        group = self._checkpointer_group()
+        if group is not None:
+            errors = [""] * dist.get_world_size(group)
+            dist.all_gather_object(errors, error, group=group)
+        failures = [e for e in errors if e]
+        if failures:
+            raise RuntimeError("; ".join(failures))
+        return state
 
     def _load_into(self, path: Path, template: dict[str, Any], strict: bool, what: str) -> None:
         assert self._checkpointer is not None
