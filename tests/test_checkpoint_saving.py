@@ -159,6 +159,7 @@ RESTARTABLE = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import torch
+from dream_trainer.trainer.callback import Callback
 from tests.test_checkpoint_saving import config
 from tests.test_trainer_parity import RecordingTrainer, full_weights
 
@@ -169,11 +170,16 @@ class Crashing(RecordingTrainer):
             os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, once
         return super().training_step(batch, batch_idx)
 
-trainer = Crashing(config({run_dir!r}, 8, every_n_steps=2))
+class SaveResult(Callback):
+    # post_fit runs while the process group still exists (fit destroys it afterwards).
+    def post_fit(self):
+        weights = full_weights(self.trainer)
+        if self.trainer.world.rank == 0:
+            torch.save({{"losses": self.trainer.logged_losses, "weights": weights}}, {out!r})
+
+trainer = Crashing(config({run_dir!r}, 8, every_n_steps=2), callbacks=[SaveResult()])
 trainer.logged_losses = []
 trainer.fit()
-if trainer.world.rank == 0:
-    torch.save({{"losses": trainer.logged_losses, "weights": full_weights(trainer)}}, {out!r})
 """
 
 

@@ -234,6 +234,9 @@ class DistributedWorld:
         elif env.source == "slurm":
             kwargs["init_method"] = f"tcp://{env.master_addr}:{env.master_port}"
             kwargs.update(rank=env.rank, world_size=env.world_size)
+        elif restart_store := _restart_attempt_store(env, timeout):
+            kwargs["store"] = restart_store
+            kwargs.update(rank=env.rank, world_size=env.world_size)
         else:
             kwargs["init_method"] = "env://"
         dist.init_process_group(**kwargs)
@@ -431,3 +434,22 @@ def _hsdp_mesh(root: DeviceMesh, dp_cp: DeviceMesh, replicate: int, shard: int) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return root["dp_replicate", "dp_shard_cp"]
+
+
+def _restart_attempt_store(env: LaunchEnvironment, timeout: datetime.timedelta) -> Any:
+    """A client of torchrun's agent store whose keys are private to this restart attempt.
+
+    The agent's store outlives a restart, and gloo publishes each rank's address under the same
+    keys in every attempt: a restarted rank can read a dead peer's address from the attempt before
+    and fail with "connection refused". A prefix per attempt keeps the attempts apart. None when
+    this is not a restartable torchrun worker (then ``env://`` is right).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if env.source != "torchrun" or attempt is None:
+        return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    client = dist.TCPStore(
+        env.master_addr, env.master_port, is_master=False, timeout=timeout, wait_for_workers=False
+    )
+    return dist.PrefixStore(f"dream_trainer/attempt_{attempt}", client)
