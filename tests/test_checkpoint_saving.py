@@ -88,6 +88,53 @@ def test_a_checkpoint_without_its_marker_is_never_resumed(tmp_path):
     assert resumed["losses"] == straight["losses"][2:]  # resumed from step 2
 
 
+KILLED_MID_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import dream_trainer.trainer.checkpointing.checkpointer as checkpointer
+from dream_trainer.configs import DeviceParameters
+from tests.test_checkpoint_saving import config
+from tests.test_trainer_parity import RecordingTrainer
+
+commit = checkpointer.commit
+
+def dies_before_committing(partial, final, step, metrics):
+    if step == 4:  # step 4's files are written, its directory not yet committed
+        os.kill(os.getpid(), signal.SIGKILL)
+    commit(partial, final, step, metrics)
+
+checkpointer.commit = dies_before_committing
+params = DeviceParameters.SINGLE_DEVICE()
+trainer = RecordingTrainer(config({run_dir!r}, 6, params, every_n_steps=2))
+trainer.logged_losses = []
+trainer.fit()
+"""
+
+
+def fit_single(run_dir: str, steps: int, **checkpoint: Any) -> list[float]:
+    trainer = RecordingTrainer(
+        config(run_dir, steps, DeviceParameters.SINGLE_DEVICE(), **checkpoint)
+    )
+    trainer.logged_losses = []
+    trainer.fit()
+    return trainer.logged_losses
+
+
+def test_a_process_killed_in_the_middle_of_a_save_resumes_from_the_previous_one(tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MID_SAVE.format(repo=str(REPO), run_dir=str(tmp_path)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    checkpoints = next((tmp_path / "dream-trainer" / "run").glob("*/checkpoints"))
+    assert steps_on_disk(str(checkpoints)) == [2]
+    assert (checkpoints / ".step_00000004.partial" / ".metadata").exists()  # written, not committed
+    resumed = fit_single(str(tmp_path), 6)  # resume "auto": the newest complete one, step 2
+    straight = fit_single(str(tmp_path / "straight"), 6, resume="never")
+    assert resumed == straight[2:]
+    assert not (checkpoints / ".step_00000004.partial").exists()  # cleared by the next save
+
+
 def corrupt_and_resume(run_dir: str, victim: str) -> dict[str, Any]:
     checkpoint = complete_checkpoints(Path(run_dir) / "dream-trainer" / "run")[-1].path
     if int(os.environ.get("RANK", 0)) == 0:
