@@ -237,6 +237,22 @@ def _block(
     return torch.matmul(weights.to(v.dtype), v), lse
 
 
+def _merge(
+    out: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    block_out: torch.Tensor,
+    block_lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one block's (output, log-sum-exp) into the running ones (fp32 accumulation)."""
+    if out is None or lse is None:
+        return block_out.float(), block_lse
+    merged = torch.logaddexp(lse, block_lse)
+    keep = torch.isfinite(merged)
+    old_weight = torch.where(keep, torch.exp(lse - merged), torch.zeros_like(merged))
+    new_weight = torch.where(keep, torch.exp(block_lse - merged), torch.zeros_like(merged))
+    return out * old_weight + block_out.float() * new_weight, merged
+
+
 def _ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -255,16 +271,7 @@ def _ring_attention(
         owner = (layout.rank - step) % layout.size
         k_pos = layout.positions(local, q.device, rank=owner)
         mask = _mask(q_pos, k_pos, is_causal, document_ids, docs_block)
-        block_out, block_lse = _block(q, k_block, v_block, mask, scale)
-        if out is None or lse is None:
-            out, lse = block_out.float(), block_lse
-        else:
-            merged = torch.logaddexp(lse, block_lse)
-            keep = torch.isfinite(merged)
-            old_weight = torch.where(keep, torch.exp(lse - merged), torch.zeros_like(merged))
-            new_weight = torch.where(keep, torch.exp(block_lse - merged), torch.zeros_like(merged))
-            out = out * old_weight + block_out.float() * new_weight
-            lse = merged
+        out, lse = _merge(out, lse, *_block(q, k_block, v_block, mask, scale))
         if step + 1 < layout.size:
             k_block = _PassAlongRing.apply(k_block, layout, 1)
             v_block = _PassAlongRing.apply(v_block, layout, 1)
