@@ -472,7 +472,7 @@ def test_a_process_whose_parent_is_killed_ends_itself(tmp_path, sigterm):
 def world_lifecycle_under_torchrun() -> dict[str, object]:
     import os
 
-    from dream_trainer.world.distributed_world import _registered_groups
+    from dream_trainer.world.process_groups import registered_groups
 
     calls: list[str] = []
     barrier, destroy = dist.barrier, dist.destroy_process_group
@@ -502,7 +502,7 @@ def world_lifecycle_under_torchrun() -> dict[str, object]:
     # The world started the default group first (destroyed last, by destroy_process_group()).
     info["order_ok"] = calls == ["barrier", *reversed(created[1:]), "WORLD"]
     info["created"] = len(created)
-    info["left"] = (dist.is_initialized(), len(_registered_groups()), world.cpu_group)
+    info["left"] = (dist.is_initialized(), len(registered_groups()), world.cpu_group)
     return info
 
 

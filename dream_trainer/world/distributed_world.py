@@ -6,7 +6,6 @@ import datetime
 import logging
 import os
 import sys
-import time
 import warnings
 from types import TracebackType
 from typing import Any
@@ -24,6 +23,11 @@ from dream_trainer.configs import DeviceParameters
 from dream_trainer.world.environment import LaunchEnvironment
 from dream_trainer.world.layout import FLATTENED_DIMS, MESH_DIMS, MeshLayout
 from dream_trainer.world.parent_watch import ParentWatch
+from dream_trainer.world.process_groups import (
+    let_gloo_workers_settle,
+    registered_groups,
+    restart_attempt_store,
+)
 
 logger = logging.getLogger("dream_trainer.world")
 
@@ -137,7 +141,7 @@ class DistributedWorld:
         if self.device.type != "cpu":
             torch.get_device_module(self.device.type).set_device(self.device)
 
-        groups_before = set(_registered_groups())
+        groups_before = set(registered_groups())
         if not dist.is_initialized():
             # Before the rendezvous: a launcher that dies then would leave us waiting on its store.
             self._start_parent_watch(env)
@@ -152,7 +156,7 @@ class DistributedWorld:
         self.cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
         clear_dtensor_caches()
         self._build_meshes()
-        self._created_groups = [g for g in _registered_groups() if g not in groups_before]
+        self._created_groups = [g for g in registered_groups() if g not in groups_before]
         self._launched = True
         if self.is_global_zero:
             logger.info(
@@ -190,13 +194,13 @@ class DistributedWorld:
             return
         if not abort:
             self._barrier_before_destroy(cpu_group)
-        registered = set(_registered_groups())
+        registered = set(registered_groups())
         for group in reversed(created):
             if group in registered and group is not dist.group.WORLD:
                 dist.destroy_process_group(group)
         dist.destroy_process_group()
         if self.world_size > 1:  # one rank: the trainer runs no collective to wait for
-            _let_gloo_workers_settle()
+            let_gloo_workers_settle()
 
     def __enter__(self) -> DistributedWorld:
         return self.launch()
@@ -234,7 +238,7 @@ class DistributedWorld:
         elif env.source == "slurm":
             kwargs["init_method"] = f"tcp://{env.master_addr}:{env.master_port}"
             kwargs.update(rank=env.rank, world_size=env.world_size)
-        elif restart_store := _restart_attempt_store(env, timeout):
+        elif restart_store := restart_attempt_store(env, timeout):
             kwargs["store"] = restart_store
             kwargs.update(rank=env.rank, world_size=env.world_size)
         else:
@@ -401,31 +405,6 @@ class DistributedWorld:
         return self.layout.size("dp_shard_cp") > 1
 
 
-_GLOO_SETTLE_SECONDS = 0.05
-
-
-def _let_gloo_workers_settle() -> None:
-    """Release the GIL for a moment so gloo's worker threads finish freeing their last work.
-
-    A gloo worker frees the tensors of a collective *after* signalling its completion; when
-    Python has already dropped them, that needs the GIL. ``destroy_process_group`` does not stop
-    these threads (they end only with the group's C++ object, which the models' FSDP state keeps
-    alive until interpreter exit), and a worker that asks for the GIL once the interpreter is
-    finalizing is ended by ``pthread_exit`` inside a ``noexcept`` destructor: ``terminate called
-    without an active exception`` and SIGABRT after a clean ``fit()``. Sleeping after the barrier
-    hands the GIL and a CPU to any worker still releasing, so none is left for finalization.
-    """
-    time.sleep(_GLOO_SETTLE_SECONDS)
-
-
-def _registered_groups() -> list[Any]:
-    """Every live process group, oldest first (torch's private registry; empty if it is missing)."""
-    pg_map = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None)
-    if pg_map is None or not dist.is_initialized():
-        return []
-    return list(pg_map)
-
-
 def _hsdp_mesh(root: DeviceMesh, dp_cp: DeviceMesh, replicate: int, shard: int) -> DeviceMesh:
     # The 2-D (dp_replicate, dp_shard_cp) mesh for HSDP. torch asks callers to stop slicing
     # flattened dims out of the root, so unflatten dp_cp where that API exists.
@@ -434,22 +413,3 @@ def _hsdp_mesh(root: DeviceMesh, dp_cp: DeviceMesh, replicate: int, shard: int) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return root["dp_replicate", "dp_shard_cp"]
-
-
-def _restart_attempt_store(env: LaunchEnvironment, timeout: datetime.timedelta) -> Any:
-    """A client of torchrun's agent store whose keys are private to this restart attempt.
-
-    The agent's store outlives a restart, and gloo publishes each rank's address under the same
-    keys in every attempt: a restarted rank can read a dead peer's address from the attempt before
-    and fail with "connection refused". A prefix per attempt keeps the attempts apart. None when
-    this is not a restartable torchrun worker (then ``env://`` is right).
-    """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if env.source != "torchrun" or attempt is None:
-        return None
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
-        return None
-    client = dist.TCPStore(
-        env.master_addr, env.master_port, is_master=False, timeout=timeout, wait_for_workers=False
-    )
-    return dist.PrefixStore(f"dream_trainer/attempt_{attempt}", client)

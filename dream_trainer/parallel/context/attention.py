@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dream_trainer.parallel.context.layout import ContextLayout, active_layout
 
@@ -271,7 +272,10 @@ def _ring_attention(
         owner = (layout.rank - step) % layout.size
         k_pos = layout.positions(local, q.device, rank=owner)
         mask = _mask(q_pos, k_pos, is_causal, document_ids, docs_block)
-        out, lse = _merge(out, lse, *_block(q, k_block, v_block, mask, scale))
+        # Recomputed in backward, as flash attention does: saving a block's scores would cost
+        # more memory than attention over the whole sequence without context parallelism.
+        block = checkpoint(_block, q, k_block, v_block, mask, scale, use_reentrant=False)
+        out, lse = _merge(out, lse, *block)
         if step + 1 < layout.size:
             k_block = _PassAlongRing.apply(k_block, layout, 1)
             v_block = _PassAlongRing.apply(v_block, layout, 1)

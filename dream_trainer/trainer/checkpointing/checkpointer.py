@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from dream_trainer.trainer.checkpointing.optimizer_state import optimizer_state_dict
@@ -211,6 +212,8 @@ class Checkpointer:
             "epoch_batches": trainer._epoch_batches,
             "epoch_samples": trainer._epoch_samples,
             "schedulers": {n: s.state_dict() for n, s in trainer.named_schedulers().items()},
+            # DCP stores a fresh optimizer as one zero-gradient step; resume must not keep that.
+            "optimizers_stepped": {n: bool(o.state) for n, o in trainer.named_optimizers().items()},
             "layout": self.layout(),
             "config": trainer.config.model_dump(mode="json"),
         }
@@ -243,18 +246,36 @@ class Checkpointer:
 
     def load_dcp(self, path: Path, state: dict[str, Any], partial: bool) -> None:
         """Fill ``state`` (a template of the right shapes and layout) from the checkpoint."""
-        dcp.load(
-            state,
-            storage_reader=SafeReader(str(path)),
-            planner=SafeLoadPlanner(allow_partial_load=partial),
-            process_group=self.group,
-        )
+        try:
+            dcp.load(
+                state,
+                storage_reader=SafeReader(str(path)),
+                planner=SafeLoadPlanner(allow_partial_load=partial),
+                process_group=self.group,
+            )
+        except CheckpointException as wrapped:
+            # DCP wraps each rank's error in a BaseException that `except Exception` misses;
+            # raise the first rank's own error (its message names the file and the fix).
+            raise _first_failure(wrapped, path) from wrapped
 
     def close(self) -> None:
         self.wait()
         if self.group is not None and dist.is_initialized():
             dist.destroy_process_group(self.group)
             self.group = None
+
+
+def _first_failure(wrapped: CheckpointException, path: Path) -> Exception:
+    failures = wrapped.failures
+    if not failures:
+        return RuntimeError(f"loading the checkpoint {path} failed: {wrapped}")
+    rank = min(failures)
+    error = failures[rank][0]
+    if isinstance(error, Exception):
+        note = f"(checkpoint {path}; DCP reported failures on ranks {sorted(failures)})"
+        error.add_note(note)
+        return error
+    return RuntimeError(f"loading the checkpoint {path} failed on rank {rank}: {error!r}")
 
 
 def _async_kwargs(mode: str) -> dict[str, Any]:

@@ -67,9 +67,11 @@ def complete_checkpoints(root: Path) -> list[CheckpointInfo]:
     """The complete checkpoints under ``root`` (one run's, or ``*/checkpoints`` of an
     experiment), oldest first."""
     found = []
-    for marker in sorted(root.glob(f"step_*/{COMPLETE}")) + sorted(
-        root.glob(f"*/checkpoints/step_*/{COMPLETE}")
-    ):
+    runs = [run for run in sorted(root.glob("*/checkpoints")) if not run.parent.is_symlink()]
+    markers = sorted(root.glob(f"step_*/{COMPLETE}"))
+    for run in runs:  # not through the experiment's `latest` link: each checkpoint once
+        markers += sorted(run.glob(f"step_*/{COMPLETE}"))
+    for marker in markers:
         try:
             record = json.loads(marker.read_text(encoding="utf-8"))
             info = CheckpointInfo(

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -22,6 +18,7 @@ from dream_trainer.trainer.checkpointing.checkpointer import (
     split_tensors,
 )
 from dream_trainer.trainer.checkpointing.safe_io import read_json
+from dream_trainer.trainer.checkpointing.stop_flags import StopAndTimeFlags
 from dream_trainer.trainer.checkpointing.storage import COMPLETE, complete_checkpoints
 from dream_trainer.trainer.run_directory import experiment_dir
 from dream_trainer.trainer.samplers import GlobalOrderSampler
@@ -68,7 +65,7 @@ class CheckpointMixin(BaseTrainer):
             self._last_saved_step = self.global_step
         # Not the checkpoint group: an async save's collectives run on it from another thread.
         flag_group = self.world.cpu_group if self.world.world_size > 1 else None
-        self._flags = _StopAndTimeFlags(flag_group)
+        self._flags = StopAndTimeFlags(flag_group)
         self._flags.install_signal_handlers()
 
     def after_train_step(self) -> None:
@@ -265,10 +262,13 @@ class CheckpointMixin(BaseTrainer):
         self._load_into(path, template, strict, what="resume")
         for name, model in models.items():
             set_model_state_dict(model, template["models"][name])
+        stepped = saved.get("optimizers_stepped", {})
         for name, optimizer in self.named_optimizers().items():
             set_optimizer_state_dict(
                 self._model_of(optimizer), optimizer, template["optimizers"][name]
             )
+            if stepped.get(name) is False:  # saved before its first step: keep it fresh
+                optimizer.state.clear()
         for name, scheduler in self.named_schedulers().items():
             if name in saved["schedulers"]:
                 scheduler.load_state_dict(saved["schedulers"][name])
@@ -344,10 +344,20 @@ class CheckpointMixin(BaseTrainer):
             loader.load_state_dict(state)
             self._loader_skip = self._epoch_batches  # len(loader) still counts them
             return
+        if same_layout:
+            where = (
+                f"under this run's layout {saved['layout']}, but the training loader "
+                f"({type(loader).__name__}) has no saved state to continue from (no state_dict/"
+                "load_state_dict, e.g. a plain DataLoader)"
+            )
+        else:
+            where = (
+                f"under layout {saved['layout']}, and this run's layout is "
+                f"{self._checkpointer_layout()}; the training loader ({type(loader).__name__}) "
+                "cannot continue that epoch's sample order under another layout"
+            )
         why = (
-            f"the checkpoint {path} was saved mid-epoch under layout {saved['layout']}, and this "
-            f"run's layout is {self._checkpointer_layout()}; the training loader ("
-            f"{type(loader).__name__}) cannot continue that epoch's sample order here. Use "
+            f"the checkpoint {path} was saved mid-epoch {where}. Use "
             "self.distributed_sampler(dataset) (a GlobalOrderSampler, which follows a change of "
             "data-parallel degree), keep the layout, or set "
             "checkpoint_parameters.allow_data_order_restart=true to restart the epoch's order"
@@ -381,60 +391,3 @@ def _drop_keys(template: dict[str, Any], dotted: list[str]) -> None:
                 break
         if isinstance(node, dict):
             node.pop(leaf, None)
-
-
-class _StopAndTimeFlags:
-    """Stop requests (SIGINT/SIGTERM) and time-based saves, agreed by every rank.
-
-    Each step starts a non-blocking all-reduce of this rank's flags and reads the previous
-    step's result, so all ranks act on the same step without waiting on each other.
-    """
-
-    def __init__(self, group: Any) -> None:
-        self.group = group
-        self.signal_name: str | None = None
-        self._work: Any = None
-        self._flags = torch.zeros(2)
-        self._previous: dict[int, Any] = {}
-
-    def install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal_name is not None:  # a second one: stop now, without a checkpoint
-            self.close()
-            signal.raise_signal(signum)
-            return
-        self.signal_name = signal.Signals(signum).name
-        logger.warning(
-            "%s received: saving a checkpoint after this step, then stopping", self.signal_name
-        )
-
-    def agreed(self, seconds_since_save: float, every_minutes: float | None) -> tuple[bool, bool]:
-        local = torch.tensor(
-            [
-                float(self.signal_name is not None),
-                float(every_minutes is not None and seconds_since_save >= every_minutes * 60),
-            ]
-        )
-        if self.group is None:
-            return bool(local[0]), bool(local[1])
-        previous = (False, False)
-        if self._work is not None:
-            self._work.wait()
-            previous = (bool(self._flags[0]), bool(self._flags[1]))
-        self._flags = local
-        self._work = dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return previous
-
-    def close(self) -> None:
-        if self._work is not None:
-            with contextlib.suppress(RuntimeError):  # the group may be gone after a failure
-                self._work.wait()
-            self._work = None
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
