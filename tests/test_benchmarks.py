@@ -1,5 +1,7 @@
 """Smoke tests of the benchmarks: overhead.py runs and both of its loops do the same work;
-pipeline.py runs its schedules on 2 ranks and prints a row for each.
+pipeline.py runs its schedules on 2 ranks and prints a row for each; checkpoint.py prints every
+row and leaves nothing behind; context_parallel.py measures cp 1 and 2 and their losses
+match.
 
 No timing is asserted here; speed is measured by running the benchmark itself.
 """
@@ -7,9 +9,13 @@ No timing is asserted here; speed is measured by running the benchmark itself.
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
+from benchmarks import checkpoint as checkpoint_bench
+from benchmarks import context_parallel as cp_bench
 from benchmarks import overhead, pipeline
 from tests.multirank import run_on_ranks
 
@@ -90,3 +96,67 @@ def test_pipeline_smoke_prints_a_row_per_schedule(capsys: pytest.CaptureFixture[
     assert rows["GPipe"][column["stages/rank"]] == "1"
     assert rows["Interleaved1F1B"][column["stages/rank"]] == "2"
     assert "load average before:" in out and "load average after:" in out
+
+
+def test_checkpoint_smoke_prints_every_row_and_cleans_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint_bench.main(["--smoke", "--dir", str(tmp_path)])  # 2 MB model, 1 round
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    header = rows.pop("operation")
+    column = {name: index for index, name in enumerate(header)}
+    assert set(rows) == {label for label, _ in checkpoint_bench.ROWS}, out
+    for label, key in checkpoint_bench.ROWS:
+        cells = rows[label]
+        assert len(cells) == len(header), cells
+        assert float(cells[column["median s"]]) > 0 and float(cells[column["GB/s"]]) > 0, cells
+        float(cells[column["load"]])
+        if key != "disk" and not key.startswith("read"):  # compared with a disk row
+            assert float(cells[column["/ disk"]]) > 0, cells
+        if key in ("off", *checkpoint_bench.ASYNC_MODES):
+            assert float(cells[column["blocked s"]]) > 0, cells
+            assert float(cells[column["blocked/sync"]]) > 0, cells
+    assert rows["save sync (async_mode=off)"][column["blocked/sync"]] == "1.000"
+    for mode in checkpoint_bench.ASYNC_MODES:
+        assert float(rows[f"save async {mode}"][column["step busy/idle"]]) > 0
+        assert re.search(rf"^async {mode}: blocked/sync [\d.]+ \(target < 0.10: ", out, re.M)
+    assert "first async process save (untimed" in out
+    assert "load average before:" in out and "load average after:" in out
+    assert list(tmp_path.iterdir()) == []  # checkpoints, disk file and run directory removed
+
+
+def test_checkpoint_refuses_without_three_model_sizes_of_free_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(
+        checkpoint_bench.shutil, "disk_usage", lambda path: usage._replace(free=2 * 10**9)
+    )
+    with pytest.raises(SystemExit, match=r"not enough free disk space .* needs 3\.\d\d GB"):
+        checkpoint_bench.main(["--size-gb", "1", "--dir", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.multirank
+def test_context_parallel_smoke_prints_rows_with_equal_losses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cp_bench.main(["--smoke"])  # tiny llama3, cp 1 and 2 (allgather), 1 + 2 steps
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    header = rows.pop("run")
+    column = {name: index for index, name in enumerate(header)}
+    assert set(rows) == {"cp=1 (run 1)", "cp=2 allgather"}, out
+    for cells in rows.values():
+        assert len(cells) == len(header), cells
+        assert not cells[column["step ms"]].startswith("failed"), cells
+        assert float(cells[column["activations MiB/rank"]]) > 0, cells
+        assert float(cells[column["max Δloss"]]) < 1e-5, cells
+    cp2 = rows["cp=2 allgather"]
+    assert cp2[column["tokens/rank"]] == "32" and cp2[column["ideal"]] == "0.500"
+    # Saved bytes do not depend on timing: half the tokens save less than the whole sequence.
+    assert 0 < float(cp2[column["act. / cp=1"]]) < 1, cp2
+    gap = re.search(r"^losses: max \|loss - loss at cp=1\| over 3 steps .*: (\S+) ", out, re.M)
+    assert gap is not None and float(gap.group(1)) < 1e-5, out
+    assert "load average before" in out and "load average after" in out

@@ -81,7 +81,33 @@ class CommParameters(ConfigModel):
     train_timeout_seconds: float = Field(default=300.0, gt=0)
     """Timeout for collectives once training runs; a hung rank fails after this long."""
     flight_recorder_buffer_size: int = Field(default=0, ge=0)
-    """Entries kept by NCCL's flight recorder for hang forensics; 0 turns it off."""
+    """Entries kept by torch's flight recorder (NCCL's, and gloo's where torch has it) for hang
+    forensics; 0 turns it off."""
+    hang_watchdog: bool = True
+    """Watch each rank during ``fit`` (more than one rank only): a rank that makes no progress
+    for ``hang_timeout_seconds``, or a collective that fails, gets a report naming the ranks that
+    did not arrive, and the job exits non-zero. See docs/hangs.md."""
+    hang_timeout_seconds: float | None = None
+    """Seconds a rank may stay in one phase (no new batch, step or phase) before it counts as
+    hung; ``None`` means ``train_timeout_seconds``. A phase's first run in a fit (a first step
+    that compiles) and checkpoint saves may take ``init_timeout_seconds`` if that is longer."""
+
+    @field_validator("hang_timeout_seconds")
+    @classmethod
+    def _positive_hang_timeout(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError(
+                f"hang_timeout_seconds must be a positive number of seconds, got {value!r}; use "
+                "None for train_timeout_seconds, or hang_watchdog=False to turn the watchdog off"
+            )
+        return value
+
+    @property
+    def effective_hang_timeout_seconds(self) -> float:
+        """``hang_timeout_seconds``, or ``train_timeout_seconds`` where it is ``None``."""
+        if self.hang_timeout_seconds is None:
+            return self.train_timeout_seconds
+        return self.hang_timeout_seconds
 
 
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")

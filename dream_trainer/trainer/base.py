@@ -28,7 +28,10 @@ from dream_trainer.trainer.run_directory import (
     experiment_dir,
 )
 from dream_trainer.trainer.stepping import GradientStepping
+from dream_trainer.trainer.throughput import RankWindow, StepClock
 from dream_trainer.world import DistributedWorld
+from dream_trainer.world.progress import Phase, Progress
+from dream_trainer.world.watchdog import HangWatchdog
 
 logger = logging.getLogger("dream_trainer.trainer")
 
@@ -60,6 +63,11 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         self.validation_results: dict[str, float] = {}
         self.last_train_metrics: dict[str, float] = {}
         self.run_id: str | None = None
+        self.progress = Progress()
+        """This rank's step and phase, read by the hang watchdog (see docs/hangs.md)."""
+        self._watchdog: HangWatchdog | None = None
+        self.stop_reason: str | None = None
+        """Why :meth:`request_stop` ended the run early (``None``: it was not asked to)."""
         self._context_batches = ContextParallelBatches()  # replaced once the world launches
         self._epoch_batches = 0
         """Micro-batches of the current epoch run so far (per rank)."""
@@ -67,6 +75,8 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         """Samples of the current epoch consumed so far, over all data-parallel ranks."""
         self._loader_skip = 0
         """Batches a resumed loader already skips (restored mid-epoch) but still counts in len."""
+        self.step_clock = StepClock()
+        """Times steps, loader waits and the log barrier (host clock only; see throughput.py)."""
         self._init_stepping()
 
     # Hooks for users
@@ -80,6 +90,16 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         raise NotImplementedError(
             f"{type(self).__name__} has a validation dataloader but no validation_step"
         )
+
+    def tokens_in_batch(self, batch: Any) -> int | torch.Tensor | None:
+        """Tokens in one training micro-batch, for the tokens/s and MFU metrics.
+
+        Called on each micro-batch as the loader yields it (before it moves to the device).
+        Return an int (e.g. ``batch["input_ids"].numel()``) or a 0-d tensor (e.g. the count of
+        non-padding labels; read on the host once per log window, not per step). The default,
+        ``None``, means batches have no token count: no token metrics are logged.
+        """
+        return None
 
     # Hooks for mixins (cooperative: call super() first)
 
@@ -155,6 +175,16 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             )
         return experiment_dir(self.config) / self.run_id
 
+    def request_stop(self, reason: str) -> None:
+        """End ``fit()`` normally after the current optimizer step, as if ``max_steps`` were reached.
+
+        The loop finishes the step (logging, validation, periodic checkpoint), then stops; the
+        end-of-fit checkpoint and ``post_fit`` still run. Every rank must call it at the same
+        step (decide from values all ranks share, such as validation results), or ranks
+        would wait for each other in the next collective.
+        """
+        self.stop_reason = reason
+
     # Life of a run
 
     def _open_run_directory(self) -> None:
@@ -180,6 +210,12 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             self.setup()
             self.callbacks.post_setup()
             self.world.set_train_timeout()
+            self.progress.mark(Phase.START, self.global_step)
+            self._watchdog = HangWatchdog.for_world(
+                self.world, self.progress, self.run_dir / "hang_reports"
+            )
+            if self._watchdog is not None:
+                self._watchdog.start()
             self.callbacks.pre_fit()
             sanity = self.config.training_parameters.num_sanity_val_steps
             if sanity and self.val_dataloader is not None:
@@ -190,20 +226,25 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             self.callbacks.on_interrupt()
             self._teardown(abort=True)
             raise
-        except BaseException:
+        except BaseException as error:
+            if self._watchdog is not None:
+                self._watchdog.report_failure(error)  # names the ranks that did not arrive
             self._teardown(abort=True)
             raise
         self._teardown(abort=False)
 
     def _teardown(self, abort: bool) -> None:
+        watchdog, self._watchdog = self._watchdog, None
         try:
+            if watchdog is not None:
+                watchdog.stop(clean=not abort)
             self.teardown()
         finally:
             self.world.destroy(abort=abort)
 
     def _fit_loop(self) -> None:
         training = self.config.training_parameters
-        while self.current_epoch < training.n_epochs and not self._reached_max_steps():
+        while self.current_epoch < training.n_epochs and not self._should_stop():
             self.callbacks.pre_epoch()
             finished = self._train_epoch()
             self.callbacks.post_epoch()
@@ -213,13 +254,17 @@ class BaseTrainer(GradientStepping, ForwardBackward):
                 break
             self.current_epoch += 1
             self._epoch_batches, self._epoch_samples = 0, 0
+        self.progress.mark(Phase.FINISH, self.global_step)
 
     def _reached_max_steps(self) -> bool:
         max_steps = self.config.training_parameters.max_steps
         return max_steps is not None and self.global_step >= max_steps
 
+    def _should_stop(self) -> bool:
+        return self.stop_reason is not None or self._reached_max_steps()
+
     def _train_epoch(self) -> bool:
-        """Train until the epoch ends (True) or max_steps is reached part way (False)."""
+        """Train until the epoch ends (True) or max_steps / a stop request ends it part way (False)."""
         training = self.config.training_parameters
         accum = training.gradient_accumulation_steps
         loader = self.train_dataloader
@@ -244,6 +289,8 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             skip=self._loader_skip,
             progress=progress,
         )
+        batches = self.step_clock.timed(batches, self.tokens_in_batch)
+        batches = self.progress.each(batches, Phase.DATA)
         self._loader_skip = 0
         ran = 0
         for batch_idx, batch in batches:
@@ -252,6 +299,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             batch = move_to_device(batch, self.device)
             self._epoch_batches += 1
             self._epoch_samples += infer_batch_size(batch) * self.world.dp_size
+            self.progress.mark(Phase.FORWARD_BACKWARD, self.global_step)
             with self._context_batches.batch(batch, "training") as batch:
                 self.callbacks.pre_train_step(batch, batch_idx)
                 result = self.training_step(batch, batch_idx)
@@ -274,30 +322,47 @@ class BaseTrainer(GradientStepping, ForwardBackward):
                 running[name] = running[name] + scalar if name in running else scalar
             if not completes_step:
                 continue
+            self.step_clock.step_done()
             self._maybe_log_train_metrics(running, accum)
             running = {}
             every = training.val_every_n_steps
             if every and self.val_dataloader is not None and self.global_step % every == 0:
                 self.validate()
+            self.progress.mark(Phase.CHECKPOINT, self.global_step)
             self.after_train_step()
-            if self._reached_max_steps():
+            if self._should_stop():
                 break
         self._micro_batch_index = 0
         total = progress.get("total")
-        return not self._reached_max_steps() or (total is not None and ran == total)
+        return not self._should_stop() or (total is not None and ran == total)
 
     def after_train_step(self) -> None:
         """Runs after each optimizer step's logging and validation (checkpointing hooks in here)."""
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        with self.progress.during(Phase.OPTIMIZER):
+            return super().step(optimizer)
+
+    step.__doc__ = GradientStepping.step.__doc__
 
     def _maybe_log_train_metrics(self, running: dict[str, torch.Tensor], accum: int) -> None:
         every = self.log_every_n_steps
         if not every or self.global_step % every:
             return
+        self.progress.mark(Phase.TRAIN_METRICS, self.global_step)
+        self.step_clock.arrive()
         weight = torch.tensor(float(accum), device=self.device)
         mesh = self.world.get_mesh("dp_cp")
         self.last_train_metrics = weighted_mean_across(running, weight, mesh)
+        window = self.step_clock.take()  # the all-reduce above is the window's barrier
         metrics = {f"train/{k}": v for k, v in self.last_train_metrics.items()}
+        metrics.update(self.train_window_metrics(window))
         self.log_dict(metrics, self.global_step)
+
+    def train_window_metrics(self, window: RankWindow) -> dict[str, float]:
+        """Extra metrics of a training log window (every rank calls it; LoggerMixin adds the
+        throughput, MFU, memory and rank-balance metrics when enabled)."""
+        return {}
 
     @torch.no_grad()
     def validate(self, max_batches: int | None = None, log: bool = True) -> dict[str, float]:
@@ -314,7 +379,9 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         self.callbacks.pre_validation_epoch()
         sums: dict[str, torch.Tensor] = {}
         count = torch.zeros((), device=self.device)
+        self.progress.mark(Phase.VALIDATION, self.global_step)
         for batch_idx, batch in agreed_batches(loader, limit, self.world, 1, "validation"):
+            self.progress.mark(Phase.VALIDATION)  # each batch is progress
             batch = move_to_device(batch, self.device)
             with self._context_batches.batch(batch, "validation") as batch:
                 self.callbacks.pre_validation_step(batch, batch_idx)
@@ -325,6 +392,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
                 scalar = as_scalar_tensor(name, value, self.device) * n
                 sums[name] = sums[name] + scalar if name in sums else scalar
             count += n
+        self.progress.mark(Phase.VALIDATION_METRICS)
         results = weighted_mean_across(sums, count, self.world.get_mesh("dp_cp"))
         results.update(self.collect_validation_metrics())
         for model, mode in zip(models, modes):

@@ -167,6 +167,9 @@ class GradientStepping:
         # Data-parallel wrappers already averaged over dp_cp ranks; undo that, then divide.
         scale_grads_(params, mesh.size() / total.clamp(min=1.0))
 
+    def _before_parameters_change(self) -> None:
+        """Runs right before an optimizer step (an async checkpoint waits for its copy here)."""
+
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Clip, step ``optimizer`` and its schedulers, then zero its gradients.
 
@@ -204,6 +207,7 @@ class GradientStepping:
             stepped = False
         if stepped:
             self.callbacks.pre_optimizer_step(optimizer)
+            self._before_parameters_change()
             optimizer.step()
             for scheduler in self.named_schedulers().values():
                 if getattr(scheduler, "optimizer", None) is optimizer:

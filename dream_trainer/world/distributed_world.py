@@ -21,6 +21,7 @@ from torch.distributed.fsdp import (
 
 from dream_trainer.configs import DeviceParameters
 from dream_trainer.world.environment import LaunchEnvironment
+from dream_trainer.world.group_timeouts import set_group_timeout
 from dream_trainer.world.layout import FLATTENED_DIMS, MESH_DIMS, MeshLayout
 from dream_trainer.world.parent_watch import ParentWatch
 from dream_trainer.world.process_groups import (
@@ -124,6 +125,10 @@ class DistributedWorld:
         self.cpu_group: Any = None
         self._created_groups: list[Any] = []
         self._parent_watch: ParentWatch | None = None
+        self._groups_before_launch: set[Any] = set()
+        self._collective_timeout = datetime.timedelta(
+            seconds=device_parameters.comm.init_timeout_seconds
+        )
 
     # Lifecycle
 
@@ -141,7 +146,7 @@ class DistributedWorld:
         if self.device.type != "cpu":
             torch.get_device_module(self.device.type).set_device(self.device)
 
-        groups_before = set(registered_groups())
+        groups_before = self._groups_before_launch = set(registered_groups())
         if not dist.is_initialized():
             # Before the rendezvous: a launcher that dies then would leave us waiting on its store.
             self._start_parent_watch(env)
@@ -182,6 +187,10 @@ class DistributedWorld:
         self._meshes.clear()
         self._launched = False
         created, self._created_groups = self._created_groups, []
+        self._groups_before_launch = set()
+        self._collective_timeout = datetime.timedelta(
+            seconds=self.device_parameters.comm.init_timeout_seconds
+        )
         cpu_group, self.cpu_group = self.cpu_group, None
         clear_dtensor_caches()
         forget_compiled_graphs()
@@ -213,21 +222,34 @@ class DistributedWorld:
     ) -> None:
         self.destroy(abort=exc is not None)
 
+    @property
+    def collective_timeout(self) -> datetime.timedelta:
+        """The timeout for a process group made now: the init timeout until
+        :meth:`set_train_timeout`, the train timeout after (torch's default is 30 min)."""
+        return self._collective_timeout
+
     def set_train_timeout(self) -> None:
-        """Switch collectives from the (long) init timeout to the training timeout."""
-        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-        if set_timeout is None or not self._owns_process_group:
-            return
+        """Switch collectives from the (long) init timeout to the training timeout.
+
+        Every process group made since :meth:`launch` began gets it: the default group when
+        this world started it, the mesh groups, the CPU group and groups made during setup
+        (the checkpointer's); groups that existed before are someone else's. A group whose
+        timeout cannot be changed raises RuntimeError rather than keep the long one.
+        """
         timeout = datetime.timedelta(seconds=self.device_parameters.comm.train_timeout_seconds)
-        set_timeout(timeout, None)
+        self._collective_timeout = timeout
+        for group in registered_groups():
+            if group not in self._groups_before_launch:
+                set_group_timeout(group, timeout)
 
     def _init_process_group(self, env: LaunchEnvironment) -> None:
         backend = backend_for(self.device)
         comm = self.device_parameters.comm
-        if backend == "nccl" and comm.flight_recorder_buffer_size:
-            os.environ.setdefault(
-                "TORCH_NCCL_TRACE_BUFFER_SIZE", str(comm.flight_recorder_buffer_size)
-            )
+        if comm.flight_recorder_buffer_size:
+            size = str(comm.flight_recorder_buffer_size)
+            os.environ.setdefault("TORCH_FR_BUFFER_SIZE", size)  # any backend (gloo in 2.13)
+            if backend == "nccl":
+                os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", size)
         timeout = datetime.timedelta(seconds=comm.init_timeout_seconds)
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
         if backend == "nccl":

@@ -255,6 +255,12 @@ class Transformer(nn.Module):
             self.rope = rope_table(self.args, device=self.rope.device)
         return self
 
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token of the whole model (every stage's, even on a pipeline stage)
+        at ``seq_len`` (default ``max_seq_len``): see :func:`flops_per_token` for the definition.
+        The trainer's throughput metrics call it with no argument."""
+        return flops_per_token(self.args, self.args.max_seq_len if seq_len is None else seq_len)
+
     @property
     def is_tied(self) -> bool:
         """Whether the output projection shares its weight with the token embedding."""
@@ -381,15 +387,36 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def matmul_parameters(args: LlamaArgs) -> int:
+    """Weights that multiply activations, per token: every block's projections and the output.
+
+    The token embedding is a lookup (no FLOPs), so it is left out, unless the output projection
+    is tied to it, where that one matrix still counts once, as the output's matmul.
+    """
+    attention = args.dim * (2 * args.n_heads + 2 * args.n_kv_heads) * args.head_dim  # q, o, k, v
+    feed_forward = 3 * args.dim * args.ffn_hidden_dim  # w1, w2, w3
+    return args.n_layers * (attention + feed_forward) + args.dim * args.vocab_size
+
+
 def flops_per_token(args: LlamaArgs, seq_len: int) -> int:
-    """Training FLOPs per token: 6 x matmul params (blocks, output) + causal attention matmuls."""
-    model_params = (
-        args.n_layers
-        * (
-            2 * args.dim * (args.n_heads + args.n_kv_heads) * args.head_dim
-            + 3 * args.dim * args.ffn_hidden_dim
-        )
-        + args.dim * args.vocab_size
-    )
-    attention = 6 * args.n_layers * args.n_heads * args.head_dim * seq_len
-    return 6 * model_params + attention
+    """Training FLOPs (forward + backward) per token of a ``seq_len`` sequence; a multiply-add is 2.
+
+    ``6 N + 12 L H d S``, with N = :func:`matmul_parameters`, L layers, H query heads of size d
+    and S = ``seq_len``:
+
+    * ``6 N``: each matmul weight costs 2 FLOPs per token forward and 4 backward (the gradients
+      of its input and of itself);
+    * ``12 L H d S``: per layer and token, ``q @ k.T`` and ``scores @ v`` cost ``2 H d S`` each
+      forward, and twice that backward. S is the full sequence: as in PaLM (appendix B) and
+      torchtitan, the causal mask is not discounted, so MFU compares with their numbers;
+      a causal kernel skips about half of this term.
+
+    Not counted: norms, RoPE, softmax, SiLU, the loss and the optimizer (elementwise work), and
+    the embedding lookup and its gradient (an index-add). Activation recomputation is not
+    counted either: this is *model* FLOPs, the work the model needs, not what the hardware did.
+    ``torch.utils.flop_counter.FlopCounterMode`` counts the same matmuls exactly when attention
+    runs on the math SDPA backend (``tests/test_llama3_flops.py``); on fused kernels it counts
+    their backward as 2.5x the forward (the recomputed scores), and on CPU flash none of it.
+    """
+    attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    return 6 * matmul_parameters(args) + attention

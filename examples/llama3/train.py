@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +109,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> Any:
 
 class Llama3Trainer(DreamTrainer):
     config: Llama3Config
+    log_performance_metrics = True
+    """Step time, tokens/s, MFU (the model's ``flops_per_token``), memory and rank balance."""
 
     def configure_models(self) -> None:
         args = self.config.model_args()
@@ -206,22 +207,14 @@ class Llama3Trainer(DreamTrainer):
             self.log_dict(results, self.global_step)
         return results
 
+    def tokens_in_batch(self, batch: dict[str, torch.Tensor]) -> int:
+        """Every position of the packed sequences is a trained token (for tokens/s and MFU)."""
+        return batch["input_ids"].numel()
+
     def log_dict(self, metrics: dict[str, float], step: int) -> None:
         if "train/loss" in metrics:
-            metrics = {**metrics, **self._throughput(step)}
+            metrics = {**metrics, "train/lr": self.scheduler.get_last_lr()[0]}
         super().log_dict(metrics, step)
-
-    def _throughput(self, step: int) -> dict[str, float]:
-        now = time.perf_counter()
-        last_time, last_step = getattr(self, "_last_log", (None, 0))
-        self._last_log = (now, step)
-        out = {"train/lr": self.scheduler.get_last_lr()[0]}
-        if last_time is not None and step > last_step:
-            cfg = self.config
-            tokens = (step - last_step) * cfg.batch_size * cfg.seq_len * self.world.dp_size
-            tokens *= cfg.training_parameters.gradient_accumulation_steps
-            out["train/tokens_per_s"] = tokens / (now - last_time)
-        return out
 
 
 @torch.no_grad()

@@ -100,8 +100,17 @@ class Checkpointer:
         self.trainer = trainer
         world = trainer.world
         self.rank = world.rank
-        self.group = dist.new_group(backend="gloo") if world.world_size > 1 else None
+        # The world's current collective timeout (torch's default for a new group is 30 min).
+        timeout = world.collective_timeout
+        self.group = (
+            dist.new_group(backend="gloo", timeout=timeout, group_desc="checkpointer")
+            if world.world_size > 1
+            else None
+        )
         self._pending: list[tuple[Any, Callable[[], None] | None]] = []
+        self._stager: Any = None
+        self._stager_mode: str | None = None
+        self._staging: Any = None
         self.last_save_time = time.monotonic()
 
     # ---------------------------------------------------------------------------- saving
@@ -125,12 +134,17 @@ class Checkpointer:
                 finish()
             self._barrier()  # every rank sees the committed checkpoint before going on
         else:
-            future = dcp.async_save(
-                dcp_state,
-                storage_writer=writer,
-                process_group=self.group,
-                **_async_kwargs(async_mode),
+            kwargs = _async_kwargs(async_mode)
+            stager = self._stager_for(async_mode)
+            if stager is not None:
+                kwargs["async_stager"] = stager
+            response = dcp.async_save(
+                dcp_state, storage_writer=writer, process_group=self.group, **kwargs
             )
+            # With a background stager the copy of the state is still being made: the
+            # parameters must not change until it is (see wait_for_staging).
+            self._staging = getattr(response, "staging_completion", None)
+            future = getattr(response, "upload_completion", response)
             self._pending.append((future, finish))
         self.last_save_time = time.monotonic()
         return final
@@ -149,6 +163,42 @@ class Checkpointer:
 
         return finish
 
+    def _stager_for(self, async_mode: str) -> Any:
+        """One background stager per run, so its staging buffers are reused by every save.
+
+        None where torch has no ``DefaultStager`` (then ``async_save`` copies the state on the
+        calling thread before it returns, which is slower but equally safe).
+        """
+        if self._stager is not None and self._stager_mode == async_mode:
+            return self._stager
+        try:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        except ImportError:  # pragma: no cover - torch without async staging
+            return None
+        self._close_stager()
+        accelerator = torch.accelerator.is_available()
+        options = StagingOptions(
+            use_pinned_memory=accelerator,
+            use_shared_memory=async_mode == "process",
+            use_async_staging=True,
+            use_non_blocking_copy=accelerator,
+        )
+        self._stager, self._stager_mode = DefaultStager(options), async_mode
+        return self._stager
+
+    def wait_for_staging(self) -> None:
+        """Block until the last async save has its own copy of the state (call before the
+        parameters or optimizer state change)."""
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            staging.result()
+
+    def _close_stager(self) -> None:
+        self.wait_for_staging()
+        if self._stager is not None:
+            self._stager.close()
+        self._stager, self._stager_mode = None, None
+
     def poll(self) -> None:
         """Commit async saves that have finished writing (cheap; call after every step)."""
         while self._pending and self._pending[0][0].done():
@@ -159,6 +209,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until every async save has been written and committed."""
+        self.wait_for_staging()
         pending, self._pending = self._pending, []
         for future, finish in pending:
             future.result()
@@ -260,9 +311,27 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
+        used_process = self._stager_mode == "process"
+        self._close_stager()
+        if used_process:
+            _stop_saver_process()
         if self.group is not None and dist.is_initialized():
             dist.destroy_process_group(self.group)
             self.group = None
+
+
+def _stop_saver_process() -> None:
+    """End torch's background saver process, started by the first ``async_mode="process"``
+    save: it joined this run's process group, so a later run must start its own, and left to
+    interpreter exit it dies with a traceback when its pipe closes."""
+    try:
+        from torch.distributed.checkpoint import _async_process_executor as executor
+    except ImportError:  # pragma: no cover - torch without the process executor
+        return
+    process = getattr(executor, "_CHECKPOINT_PROCESS", None)
+    if process is not None:
+        executor._CHECKPOINT_PROCESS = None
+        process.__del__()  # what torch runs when it is collected: TERMINATE, then join
 
 
 def _first_failure(wrapped: CheckpointException, path: Path) -> Exception:

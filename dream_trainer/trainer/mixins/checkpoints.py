@@ -85,6 +85,12 @@ class CheckpointMixin(BaseTrainer):
                 f"checkpoint is in {self.checkpoint_dir}"
             )
 
+    def _before_parameters_change(self) -> None:
+        super()._before_parameters_change()
+        checkpointer = getattr(self, "_checkpointer", None)
+        if checkpointer is not None:
+            checkpointer.wait_for_staging()
+
     def _fit_loop(self) -> None:
         super()._fit_loop()
         if self._checkpointer is not None and self.config.checkpoint_parameters.enable:

@@ -11,6 +11,10 @@ from typing import Any, Protocol
 
 from dream_trainer.configs import LoggerConfigMixin, TrainerConfig
 from dream_trainer.trainer.base import BaseTrainer
+from dream_trainer.trainer.flops import declared_flops_per_token, peak_flops_for
+from dream_trainer.trainer.performance import PerformanceReport
+from dream_trainer.trainer.startup_summary import StartupSummary, log_startup_summary
+from dream_trainer.trainer.throughput import RankWindow
 
 logger = logging.getLogger("dream_trainer.metrics")
 
@@ -89,12 +93,22 @@ class LoggerMixin(BaseTrainer):
 
     config: _LoggerConfig  # type: ignore[assignment]
 
+    log_performance_metrics: bool = False
+    """Log throughput, MFU, memory and rank-balance metrics every log window (one extra
+    all-gather of a few floats per window; see docs/logging-metrics.md). Off by default."""
+    balance_warning_every_n_windows: int = 10
+    """Warn about unevenly loaded ranks at most once per this many log windows (per kind)."""
+
     @property
     def log_every_n_steps(self) -> int | None:
         return self.config.logging_parameters.log_every_n_steps
 
     def setup(self) -> None:
         super().setup()
+        self.startup_summary: StartupSummary = log_startup_summary(self)  # every rank gathers
+        self.performance: PerformanceReport | None = None
+        if self.log_performance_metrics:
+            self.performance = PerformanceReport(self.world, self.balance_warning_every_n_windows)
         self.metric_sinks: list[MetricSink] = []
         if not self.world.is_global_zero:
             return
@@ -107,6 +121,28 @@ class LoggerMixin(BaseTrainer):
             else:
                 mode = params.wandb_mode or os.environ.get("WANDB_MODE") or "online"
                 self.metric_sinks.append(WandbSink(self.config, mode, self.run_dir))
+
+    def flops_per_token(self) -> float | None:
+        """Training FLOPs (forward + backward) per token, for ``train/tflops_per_device`` and MFU.
+
+        Default: the sum of what the models declare as ``flops_per_token`` (a number, or a method
+        called with no arguments); ``None`` when none does.
+        """
+        return declared_flops_per_token(self.named_models().values())
+
+    def peak_flops_per_device(self) -> float | None:
+        """This device's peak FLOP/s for MFU: the dense BF16 figure of the table in flops.py,
+        ``None`` (no MFU) for the CPU and unlisted devices."""
+        return peak_flops_for(self.device)
+
+    def train_window_metrics(self, window: RankWindow) -> dict[str, float]:
+        metrics = super().train_window_metrics(window)
+        performance = getattr(self, "performance", None)
+        if performance is not None:
+            flops = self.flops_per_token()
+            peak = self.peak_flops_per_device()
+            metrics.update(performance.metrics(window, self.global_step, flops, peak))
+        return metrics
 
     def log_dict(self, metrics: dict[str, float], step: int) -> None:
         super().log_dict(metrics, step)
