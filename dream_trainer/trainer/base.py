@@ -30,6 +30,7 @@ from dream_trainer.trainer.run_directory import (
 from dream_trainer.trainer.stepping import GradientStepping
 from dream_trainer.trainer.throughput import RankWindow, StepClock
 from dream_trainer.world import DistributedWorld
+from dream_trainer.world.process_groups import tag_compile_caches_with_groups
 from dream_trainer.world.progress import Phase, Progress
 from dream_trainer.world.watchdog import HangWatchdog
 
@@ -209,6 +210,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             self.callbacks.pre_setup()
             self.setup()
             self.callbacks.post_setup()
+            tag_compile_caches_with_groups()  # every group exists; nothing is compiled yet
             self.world.set_train_timeout()
             self.progress.mark(Phase.START, self.global_step)
             self._watchdog = HangWatchdog.for_world(

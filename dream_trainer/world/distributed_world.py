@@ -28,6 +28,7 @@ from dream_trainer.world.process_groups import (
     let_gloo_workers_settle,
     registered_groups,
     restart_attempt_store,
+    untag_compile_caches,
 )
 
 logger = logging.getLogger("dream_trainer.world")
@@ -194,6 +195,7 @@ class DistributedWorld:
         cpu_group, self.cpu_group = self.cpu_group, None
         clear_dtensor_caches()
         forget_compiled_graphs()
+        untag_compile_caches()
         if not (self._owns_process_group and dist.is_initialized()):
             return
         self._owns_process_group = False

@@ -4,6 +4,7 @@ groups, and a clean teardown under gloo."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import time
 from typing import Any
@@ -57,3 +58,53 @@ def restart_attempt_store(env: LaunchEnvironment, timeout: datetime.timedelta) -
         env.master_addr, env.master_port, is_master=False, timeout=timeout, wait_for_workers=False
     )
     return dist.PrefixStore(f"dream_trainer/attempt_{attempt}", client)
+
+
+_UNTAGGED: list[str] = []  # the user's own cache_key_tag, while ours is set
+
+
+def tag_compile_caches_with_groups() -> None:
+    """Key torch.compile's on-disk caches (Inductor's FX graph cache, AOTAutograd's cache) by
+    this process's process groups.
+
+    Compiled collectives name their group ("0", "1", ...: the order of creation), but the
+    cache keys do not say which ranks a name stood for. A run that creates its groups in
+    another order (another layout, checkpointing on or off, a test process that made groups
+    before) would load code whose collectives go to the wrong group or to none ("Could not
+    resolve the process group registered under the name ..."), and train to wrong numbers.
+    The tag lists every live group's name, backend and ranks, so only a run with the same
+    groups shares cache entries. Call it once every group exists, before the first compile.
+    """
+    config = _compiler_config()
+    if config is None:
+        return
+    groups = []
+    for group in registered_groups():
+        try:
+            ranks = dist.get_process_group_ranks(group)
+        except (RuntimeError, ValueError):  # pragma: no cover - a group being destroyed
+            continue
+        name = getattr(group, "group_name", "?")
+        groups.append(f"{name}:{dist.get_backend(group)}:{','.join(map(str, ranks))}")
+    digest = hashlib.sha256(";".join(sorted(groups)).encode()).hexdigest()[:16]
+    if not _UNTAGGED:
+        _UNTAGGED.append(config.cache_key_tag)
+    user = _UNTAGGED[0]
+    config.cache_key_tag = (
+        f"{user}|dream_trainer_groups={digest}" if user else f"dream_trainer_groups={digest}"
+    )
+
+
+def untag_compile_caches() -> None:
+    """Put back the cache tag that was set before :func:`tag_compile_caches_with_groups`."""
+    config = _compiler_config()
+    if config is not None and _UNTAGGED:
+        config.cache_key_tag = _UNTAGGED.pop()
+
+
+def _compiler_config() -> Any:
+    try:
+        import torch.compiler.config as config
+    except ImportError:  # pragma: no cover - torch without the compiler config module
+        return None
+    return config if hasattr(config, "cache_key_tag") else None
