@@ -143,6 +143,7 @@ def test_callback_state_round_trips_through_the_trainer_state_dict(fitted):
         "current_epoch": EPOCHS,
         "epoch_batches": 0,
         "epoch_samples": 0,
+        "skipped_steps": 0,
     }
     assert state["callbacks"] == {
         "Recorder#0": {"events": n},

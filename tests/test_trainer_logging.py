@@ -39,7 +39,9 @@ class LossRecorder(MLPTrainer):
 def log_to_jsonl(run_dir: str) -> dict[str, Any]:
     config = mlp_config(
         DeviceParameters.DDP(),
-        logging=LoggingParameters(backends=["jsonl"], log_every_n_steps=LOG_EVERY),
+        logging=LoggingParameters(
+            backends=["jsonl"], log_every_n_steps=LOG_EVERY, performance_metrics=False
+        ),
         training={
             "n_epochs": 1,
             "train_steps_per_epoch": STEPS,
@@ -97,7 +99,9 @@ def test_wandb_offline_creates_a_run_under_the_run_dir_and_logs_every_metric(tmp
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    logging = LoggingParameters(backends=["wandb"], wandb_mode="offline", log_every_n_steps=1)
+    logging = LoggingParameters(
+        backends=["wandb"], wandb_mode="offline", log_every_n_steps=1, performance_metrics=False
+    )
     config = mlp_config(
         logging=logging, run_dir=str(tmp_path / "runs"), project="p", experiment="e"
     )

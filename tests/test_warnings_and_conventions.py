@@ -88,7 +88,7 @@ def wandb_mode_chosen(env_mode: str | None, config_mode: str | None) -> str:
     chosen: list[str] = []
 
     class FakeSink:
-        def __init__(self, config: Any, mode: str, run_dir: Any) -> None:
+        def __init__(self, config: Any, mode: str, run_dir: Any, run_id: Any) -> None:
             chosen.append(mode)
 
         def log(self, metrics: dict[str, float], step: int) -> None: ...

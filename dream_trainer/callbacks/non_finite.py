@@ -20,12 +20,12 @@ class NonFiniteGradMonitor(Callback[BaseTrainer]):
 
     * warns (rank 0) on each skipped step, naming it (steps are numbered from 0, as in the
       trainer's own messages);
-    * logs the count so far as ``train/skipped_steps`` on every log step;
     * raises :class:`~dream_trainer.trainer.NonFiniteGradientError` naming the steps after
-      ``max_consecutive_skips`` skipped steps in a row;
-    * at the end of ``fit`` logs "skipped X of Y optimizer steps".
+      ``max_consecutive_skips`` skipped steps in a row.
 
-    Counts survive a resume through its state.
+    The trainer itself, with or without this callback, logs the count so far as
+    ``train/skipped_steps`` on every log step and warns "skipped X of Y optimizer steps" at the
+    end of ``fit``. Counts survive a resume through its state.
     """
 
     def __init__(self, max_consecutive_skips: int = 10) -> None:
@@ -43,7 +43,6 @@ class NonFiniteGradMonitor(Callback[BaseTrainer]):
         self.streak: list[int] = []
         """The steps of the current run of consecutive skips."""
         self._trainer_count = 0
-        self._logged_at: int | None = None
 
     def pre_fit(self) -> None:
         self._trainer_count = self.trainer.skipped_steps
@@ -79,24 +78,6 @@ class NonFiniteGradMonitor(Callback[BaseTrainer]):
                     "the learning rate, set gradient_clip_val, check the inputs for NaN/inf, or "
                     "raise max_consecutive_skips."
                 )
-        every = trainer.log_every_n_steps
-        if every and trainer.global_step % every == 0:
-            self._log()
-
-    def _log(self) -> None:
-        self._logged_at = self.trainer.global_step
-        self.trainer.log_dict({"train/skipped_steps": float(self.skipped)}, self._logged_at)
-
-    def post_fit(self) -> None:
-        if is_global_zero(self.trainer):
-            log = logger.warning if self.skipped else logger.info
-            log(
-                "skipped %d of %d optimizer steps (non-finite gradient norm)",
-                self.skipped,
-                self.steps,
-            )
-        if self._logged_at != self.trainer.global_step:
-            self._log()
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped, "steps": self.steps, "streak": list(self.streak)}

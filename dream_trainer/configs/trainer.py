@@ -39,7 +39,7 @@ class ModelSetupConfigMixin(ConfigModel):
     memory; initial values then depend on the layout unless the init is DTensor-aware)."""
 
 
-MetricBackend = Literal["console", "jsonl", "wandb"]
+MetricBackend = Literal["console", "jsonl", "wandb", "tensorboard"]
 DEFAULT_BACKENDS: tuple[MetricBackend, ...] = ("console", "jsonl")
 
 
@@ -50,10 +50,17 @@ class LoggingParameters(ConfigModel):
     """Reduce and log training metrics every N optimizer steps (each costs one collective)."""
     backends: list[MetricBackend] = Field(default_factory=lambda: list(DEFAULT_BACKENDS))
     """Where rank 0 sends metrics: the console, ``{run_dir}/{project}/{experiment}/metrics.jsonl``,
-    and/or wandb."""
+    wandb and/or TensorBoard (``{run_dir}/tensorboard``; ``pip install
+    'dream-trainer[tensorboard]'``)."""
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
     """wandb's mode; ``offline`` writes runs locally for a later ``wandb sync``. ``None``: the
     ``WANDB_MODE`` environment variable decides, else ``online``."""
+    performance_metrics: bool = True
+    """Add throughput, MFU, memory and rank-balance metrics to every training log window (one
+    extra all-gather of a few floats per window; see docs/logging-metrics.md)."""
+    progress_bar: bool | Literal["auto"] = "auto"
+    """Show a progress bar on rank 0 (epoch, step, loss, tokens/s, time left); ``"auto"``: only
+    when stdout is a terminal. Uses ``tqdm`` when installed, else prints plain lines."""
 
 
 class LoggerConfigMixin(ConfigModel):

@@ -257,6 +257,12 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             self.current_epoch += 1
             self._epoch_batches, self._epoch_samples = 0, 0
         self.progress.mark(Phase.FINISH, self.global_step)
+        if self.skipped_steps and self.world.is_global_zero:
+            logger.warning(
+                "skipped %d of %d optimizer steps (non-finite gradient norm)",
+                self.skipped_steps,
+                self.global_step,
+            )
 
     def _reached_max_steps(self) -> bool:
         max_steps = self.config.training_parameters.max_steps
@@ -358,6 +364,8 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         self.last_train_metrics = weighted_mean_across(running, weight, mesh)
         window = self.step_clock.take()  # the all-reduce above is the window's barrier
         metrics = {f"train/{k}": v for k, v in self.last_train_metrics.items()}
+        if self.config.training_parameters.on_non_finite_grad == "skip":
+            metrics["train/skipped_steps"] = float(self.skipped_steps)  # cumulative, resumes too
         metrics.update(self.train_window_metrics(window))
         self.log_dict(metrics, self.global_step)
 
@@ -414,6 +422,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
                 "current_epoch": self.current_epoch,
                 "epoch_batches": self._epoch_batches,
                 "epoch_samples": self._epoch_samples,
+                "skipped_steps": self.skipped_steps,
             },
             "callbacks": self.callbacks.state_dict(),
             "rng": self.rng_state(),
@@ -439,5 +448,6 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         self.current_epoch = int(trainer["current_epoch"])
         self._epoch_batches = int(trainer.get("epoch_batches", 0))
         self._epoch_samples = int(trainer.get("epoch_samples", 0))
+        self.skipped_steps = int(trainer.get("skipped_steps", 0))
         self.callbacks.load_state_dict(state_dict.get("callbacks", {}))
         self.set_rng_state(state_dict.get("rng", {}))

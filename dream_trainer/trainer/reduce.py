@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,16 +34,66 @@ def weighted_mean_across(
 ) -> dict[str, float]:
     """``sum_r sums[k] / sum_r weight`` over the ranks of ``mesh``, as Python floats.
 
-    One collective and one host synchronization for all metrics together.
+    One collective and one host synchronization for all metrics together, plus one tiny
+    all-reduce (of a hash of the sorted names) that checks every rank reduces the same names.
+    Ranks that disagree all raise :class:`MetricKeysMismatchError` (naming each rank's extra
+    and missing names) instead of hanging or pairing the wrong values.
     """
-    if not sums:
-        return {}
     names = sorted(sums)
+    distributed = mesh is not None and mesh.size() > 1
+    if distributed:
+        assert mesh is not None
+        check_same_keys(names, mesh, weight.device)
+    if not names:
+        return {}
     packed = torch.stack([*(sums[name] for name in names), weight.to(sums[names[0]].device)])
-    if mesh is not None and mesh.size() > 1:
+    if distributed:
+        assert mesh is not None
         dist.all_reduce(packed, group=mesh.get_group())
     values = (packed[:-1] / packed[-1]).tolist()
     return dict(zip(names, values))
+
+
+class MetricKeysMismatchError(ValueError):
+    """Data-parallel ranks returned different metric names from a step (raised on every rank)."""
+
+
+def _keys_hash(names: Sequence[str]) -> int:
+    # Stable across processes (unlike hash()); 62 bits so that it and its negation fit int64.
+    digest = hashlib.blake2b("\0".join(names).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def check_same_keys(names: Sequence[str], mesh: DeviceMesh, device: torch.device) -> None:
+    """Raise :class:`MetricKeysMismatchError` on every rank of ``mesh`` unless all ranks pass
+    the same sorted ``names`` (collective: every rank of ``mesh`` calls it).
+
+    Cheap when they agree: one all-reduce (MAX) of two int64 values, the names' hash and its
+    negation, so max == -max(-h) means every rank has the same hash. Only on a mismatch are
+    the name lists gathered, to say which rank has which names.
+    """
+    group = mesh.get_group()
+    digest = _keys_hash(names)
+    extremes = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    highest, lowest = extremes.tolist()
+    if highest == -lowest:
+        return
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, list(names), group=group)
+    union = sorted(set().union(*map(set, gathered)))
+    ranks = dist.get_process_group_ranks(group)
+    lines = []
+    for rank, keys in zip(ranks, gathered):
+        missing = [k for k in union if k not in keys]
+        if missing:
+            lines.append(f"  rank {rank} lacks {missing} (it has {keys})")
+    raise MetricKeysMismatchError(
+        "step results have different metric names on different data-parallel ranks:\n"
+        + "\n".join(lines)
+        + "\nreturn the same keys from training_step/validation_step on every rank (e.g. "
+        "return a 0 or NaN tensor where a rank has nothing to report)"
+    )
 
 
 def infer_batch_size(batch: Any) -> int:

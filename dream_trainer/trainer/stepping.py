@@ -87,6 +87,9 @@ class GradientStepping:
         self._stepped_this_group = 0
         self.last_grad_norm: torch.Tensor | None = None
         self.skipped_steps = 0
+        """Optimizer steps skipped for a non-finite gradient norm (a step whose optimizers
+        skipped counts once), this run and the runs it resumed."""
+        self._skipped_this_group = False
         self._loss_parallel_depth = 0
 
     @property
@@ -203,7 +206,9 @@ class GradientStepping:
                     "inputs for NaN/inf, or set training_parameters.on_non_finite_grad='skip'."
                 )
             logger.warning("skipping step %d: gradient norm is %s", self.global_step, norm.item())
-            self.skipped_steps += 1
+            if not self._skipped_this_group:
+                self.skipped_steps += 1
+                self._skipped_this_group = True
             stepped = False
         if stepped:
             self.callbacks.pre_optimizer_step(optimizer)
@@ -223,3 +228,4 @@ class GradientStepping:
         self._token_mode = None
         self._step_tokens = None
         self._stepped_this_group = 0
+        self._skipped_this_group = False

@@ -109,8 +109,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> Any:
 
 class Llama3Trainer(DreamTrainer):
     config: Llama3Config
-    log_performance_metrics = True
-    """Step time, tokens/s, MFU (the model's ``flops_per_token``), memory and rank balance."""
+    # logging_parameters.performance_metrics (on by default) logs step time, tokens/s, MFU (the
+    # model's ``flops_per_token``), memory and rank balance.
 
     def configure_models(self) -> None:
         args = self.config.model_args()

@@ -262,11 +262,14 @@ class Checkpointer:
             "current_epoch": trainer.current_epoch,
             "epoch_batches": trainer._epoch_batches,
             "epoch_samples": trainer._epoch_samples,
+            "skipped_steps": trainer.skipped_steps,
             "schedulers": {n: s.state_dict() for n, s in trainer.named_schedulers().items()},
             # DCP stores a fresh optimizer as one zero-gradient step; resume must not keep that.
             "optimizers_stepped": {n: bool(o.state) for n, o in trainer.named_optimizers().items()},
             "layout": self.layout(),
             "config": trainer.config.model_dump(mode="json"),
+            # LoggerMixin's wandb run, which a resumed training continues.
+            "wandb_run_id": getattr(trainer, "wandb_run_id", None),
         }
 
     # --------------------------------------------------------------------------- loading

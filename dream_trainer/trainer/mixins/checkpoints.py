@@ -39,6 +39,9 @@ class CheckpointMixin(BaseTrainer):
     """
 
     config: _CheckpointConfig  # type: ignore[assignment]
+    wandb_run_id: str | None = None
+    """Saved in ``trainer.json``; restored on resume so that LoggerMixin's wandb sink continues
+    the same wandb run."""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -282,11 +285,14 @@ class CheckpointMixin(BaseTrainer):
         self.current_epoch = int(saved["current_epoch"])
         self._epoch_batches = int(saved["epoch_batches"])
         self._epoch_samples = int(saved["epoch_samples"])
+        self.skipped_steps = int(saved.get("skipped_steps", 0))  # absent before it was saved
         state_callbacks = mine.get("callbacks", callbacks) if mine else callbacks
         self.callbacks.load_state_dict(join_tensors(state_callbacks, template.get("callbacks", {})))
         if mine:
             self.set_rng_state(mine["rng"])
         self._restore_data_position(path, saved, mine)
+        if saved.get("wandb_run_id"):  # continue the saved run's wandb run (LoggerMixin)
+            self.wandb_run_id = str(saved["wandb_run_id"])
         if self.world.is_global_zero:
             logger.info(
                 "resumed from %s at step %d (epoch %d, %d samples into it)",

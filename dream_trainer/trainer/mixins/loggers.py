@@ -1,11 +1,15 @@
-"""LoggerMixin: rank 0 sends reduced metrics to the console, a JSONL file and/or wandb."""
+"""LoggerMixin: rank 0 sends reduced metrics to the console, a JSONL file, wandb and/or
+TensorBoard."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import secrets
+import string
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -13,6 +17,7 @@ from dream_trainer.configs import LoggerConfigMixin, TrainerConfig
 from dream_trainer.trainer.base import BaseTrainer
 from dream_trainer.trainer.flops import declared_flops_per_token, peak_flops_for
 from dream_trainer.trainer.performance import PerformanceReport
+from dream_trainer.trainer.progress_bar import ProgressBar, open_progress_bar
 from dream_trainer.trainer.startup_summary import StartupSummary, log_startup_summary
 from dream_trainer.trainer.throughput import RankWindow
 
@@ -54,7 +59,12 @@ class JsonlSink:
 
 
 class WandbSink:
-    def __init__(self, config: TrainerConfig, mode: Any, run_dir: Path) -> None:
+    """A wandb run, started on the first ``log``: by then CheckpointMixin has restored the id of
+    the run a resumed training continues (``run_id()``), and ``resume="allow"`` continues it."""
+
+    def __init__(
+        self, config: TrainerConfig, mode: Any, run_dir: Path, run_id: Callable[[], str | None]
+    ) -> None:
         try:
             import wandb
         except ImportError as error:
@@ -62,21 +72,62 @@ class WandbSink:
                 "logging_parameters.backends includes 'wandb' but wandb is not installed: "
                 "pip install 'dream-trainer[wandb]'"
             ) from error
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(
-            project=config.project,
-            name=config.experiment,
-            config=config.model_dump(mode="json"),
-            dir=str(run_dir),
-            mode=mode,
-            reinit="finish_previous" if _wandb_accepts_reinit_string(wandb) else True,
-        )
+        self._wandb, self._config, self._mode, self._dir = wandb, config, mode, run_dir
+        self._run_id = run_id
+        self.run: Any = None
+        """The wandb run once started (``None`` before the first ``log``)."""
+
+    def start(self) -> Any:
+        if self.run is None:
+            wandb, config = self._wandb, self._config
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=config.project,
+                name=config.experiment,
+                config=config.model_dump(mode="json"),
+                dir=str(self._dir),
+                mode=self._mode,
+                id=self._run_id(),
+                resume="allow",
+                reinit="finish_previous" if _wandb_accepts_reinit_string(wandb) else True,
+            )
+        return self.run
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self._run.log(metrics, step=step)
+        self.start().log(metrics, step=step)
 
     def close(self) -> None:
-        self._run.finish()
+        if self.run is not None:
+            self.run.finish()
+
+
+class TensorBoardSink:
+    """Scalars for TensorBoard in ``log_dir`` (``torch.utils.tensorboard.SummaryWriter``)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ImportError(
+                "logging_parameters.backends includes 'tensorboard' but tensorboard is not "
+                "installed: pip install 'dream-trainer[tensorboard]'"
+            ) from error
+        self.log_dir = log_dir
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self._writer.add_scalar(name, value, global_step=step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def new_wandb_run_id() -> str:
+    """An id like wandb's own: 8 lowercase letters and digits."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def _wandb_accepts_reinit_string(wandb: Any) -> bool:
@@ -93,9 +144,6 @@ class LoggerMixin(BaseTrainer):
 
     config: _LoggerConfig  # type: ignore[assignment]
 
-    log_performance_metrics: bool = False
-    """Log throughput, MFU, memory and rank-balance metrics every log window (one extra
-    all-gather of a few floats per window; see docs/logging-metrics.md). Off by default."""
     balance_warning_every_n_windows: int = 10
     """Warn about unevenly loaded ranks at most once per this many log windows (per kind)."""
 
@@ -107,20 +155,25 @@ class LoggerMixin(BaseTrainer):
         super().setup()
         self.startup_summary: StartupSummary = log_startup_summary(self)  # every rank gathers
         self.performance: PerformanceReport | None = None
-        if self.log_performance_metrics:
+        if self.config.logging_parameters.performance_metrics:
             self.performance = PerformanceReport(self.world, self.balance_warning_every_n_windows)
         self.metric_sinks: list[MetricSink] = []
+        params = self.config.logging_parameters
+        # Saved in checkpoints; CheckpointMixin replaces it with the saved one when resuming.
+        self.wandb_run_id: str | None = new_wandb_run_id() if "wandb" in params.backends else None
         if not self.world.is_global_zero:
             return
-        params = self.config.logging_parameters
         for backend in params.backends:
             if backend == "console":
                 self.metric_sinks.append(ConsoleSink())
             elif backend == "jsonl":
                 self.metric_sinks.append(JsonlSink(self.run_dir / "metrics.jsonl"))
+            elif backend == "tensorboard":
+                self.metric_sinks.append(TensorBoardSink(self.run_dir / "tensorboard"))
             else:
                 mode = params.wandb_mode or os.environ.get("WANDB_MODE") or "online"
-                self.metric_sinks.append(WandbSink(self.config, mode, self.run_dir))
+                sink = WandbSink(self.config, mode, self.run_dir, lambda: self.wandb_run_id)
+                self.metric_sinks.append(sink)
 
     def flops_per_token(self) -> float | None:
         """Training FLOPs (forward + backward) per token, for ``train/tflops_per_device`` and MFU.
@@ -148,9 +201,31 @@ class LoggerMixin(BaseTrainer):
         super().log_dict(metrics, step)
         for sink in getattr(self, "metric_sinks", []):
             sink.log(metrics, step)
+        bar: ProgressBar | None = getattr(self, "progress_bar", None)
+        if bar is not None:
+            bar.note_metrics(metrics, step)
+
+    def _fit_loop(self) -> None:
+        self.progress_bar: ProgressBar | None = open_progress_bar(self)  # rank 0, when wanted
+        try:
+            super()._fit_loop()
+        finally:
+            self._close_progress_bar()
+
+    def after_train_step(self) -> None:
+        super().after_train_step()
+        bar: ProgressBar | None = getattr(self, "progress_bar", None)
+        if bar is not None:
+            bar.advance(self.global_step, self.current_epoch)
+
+    def _close_progress_bar(self) -> None:
+        bar, self.progress_bar = getattr(self, "progress_bar", None), None
+        if bar is not None:
+            bar.close()
 
     def teardown(self) -> None:
         try:
+            self._close_progress_bar()
             for sink in getattr(self, "metric_sinks", []):
                 sink.close()
         finally:
