@@ -234,3 +234,12 @@ def test_warnings_are_rate_limited_per_kind(caplog):
         warned = [sorted(warnings.check(slow, step)) for step in range(1, 8)]
     assert warned == [["imbalance"], [], [], ["imbalance"], [], [], ["imbalance"]]
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["step 1", "step 4", "step 7"]
+
+
+def test_placements_merge_layer_indices_and_name_the_mesh_dims():
+    from dream_trainer.trainer.startup_summary import parameter_placements, placement_of
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    rows = parameter_placements([model])
+    assert rows == [("*.weight", "whole on each rank"), ("*.bias", "whole on each rank")]
+    assert placement_of(torch.zeros(1)) == "whole on each rank"

@@ -211,6 +211,9 @@ def test_startup_summary_counts_parameters_and_fsdp_shards_by_hand():
             "start-up summary",
             "model    parameters     trainable  local shard per rank (elements)",
             "model            67            64  rank 0: 38, rank 1: 29",
+            "placement of model (rank 0):",
+            "  layers.*.weight  dp_shard_cp=Shard(0)",
+            "  layers.*.bias    dp_shard_cp=Shard(0)",
             "training data: 2 samples per micro-batch per rank x 2 data-parallel ranks x 2 "
             "micro-batches per step = 8 samples per optimizer step; 4 batches per rank per "
             "epoch -> 2 steps per epoch",

@@ -32,7 +32,13 @@ class TrainingParameters(ConfigModel):
     gradient_clip_val: float | None = Field(default=None, gt=0)
     """Clip the total gradient norm (over all parameters and all ranks) to this value."""
     on_non_finite_grad: Literal["error", "skip"] = "error"
-    """What a NaN/inf total gradient norm does: raise naming step and rank, or skip the step."""
+    """What a NaN/inf total gradient norm does: raise naming step and rank, or skip the step.
+
+    ``"skip"`` decides on the host before each optimizer step (one device sync per step).
+    ``"error"`` on an accelerator checks without a per-step sync: the norms are checked together
+    at the next log step, before a checkpoint is written and at the end of ``fit``, so the error
+    (naming the first non-finite step) can come up to a log window late, and no checkpoint
+    holds weights updated by such a step. On the CPU the check is immediate (no sync to save)."""
 
     @model_validator(mode="after")
     def _check_steps(self) -> TrainingParameters:

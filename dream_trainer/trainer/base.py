@@ -256,6 +256,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
                 break
             self.current_epoch += 1
             self._epoch_batches, self._epoch_samples = 0, 0
+        self.check_gradient_norms()
         self.progress.mark(Phase.FINISH, self.global_step)
         if self.skipped_steps and self.world.is_global_zero:
             logger.warning(
@@ -357,6 +358,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         every = self.log_every_n_steps
         if not every or self.global_step % every:
             return
+        self.check_gradient_norms()  # the deferred check, before logging this window
         self.progress.mark(Phase.TRAIN_METRICS, self.global_step)
         self.step_clock.arrive()
         weight = torch.tensor(float(accum), device=self.device)

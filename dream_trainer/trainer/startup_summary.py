@@ -4,14 +4,15 @@ For each model: its parameter count (total and trainable, the whole model's: a D
 its global size, a tied weight once, and under pipeline parallelism every stage's parameters
 are added up) and the elements of the shard each rank holds (a DTensor's local shape, a plain
 tensor's whole shape). For the training loader: its batch size per rank, its length, the samples
-per optimizer step and the steps per epoch the loop will run. Gathered with one all-gather over
-the CPU group.
+per optimizer step and the steps per epoch the loop will run; and where each parameter lies on
+the mesh (rank 0's view). Gathered with one all-gather over the CPU group.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +49,10 @@ class StartupSummary:
     accumulation: int
     steps_per_epoch: int | None
     """Optimizer steps per epoch (None: the loader has no length and no limit is set)."""
+    placements: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    """Per model, ``(parameter names, placement)`` on this rank: which mesh dims shard or
+    replicate each parameter; layer indices are shown as ``*`` (layers that differ list each
+    placement, joined by ``|``)."""
 
     @property
     def samples_per_step(self) -> int | None:
@@ -69,6 +74,13 @@ class StartupSummary:
                     f"{name:<{width}}  {model.parameters:>12,}  {model.trainable:>12,}  "
                     + _per_rank(model.local_elements)
                 )
+        for name, rows in self.placements.items():
+            lines.append(f"placement of {name} (rank 0):")
+            width = max(len(names) for names, _ in rows) if rows else 0
+            shown = rows if len(rows) <= _MAX_PLACEMENT_ROWS else rows[:_MAX_PLACEMENT_ROWS]
+            lines += [f"  {names:<{width}}  {where}" for names, where in shown]
+            if len(rows) > len(shown):
+                lines.append(f"  ... {len(rows) - len(shown)} more")
         lines.append(self._describe_data())
         return "\n".join(lines)
 
@@ -95,6 +107,37 @@ def _per_rank(values: list[int]) -> str:
     if len(values) <= 8:
         return ", ".join(f"rank {r}: {v:,}" for r, v in enumerate(values))
     return f"min {min(values):,}, max {max(values):,} over {len(values)} ranks"
+
+
+_MAX_PLACEMENT_ROWS = 40
+
+
+def placement_of(param: torch.Tensor) -> str:
+    """How ``param`` lies on the mesh: ``dp_shard_cp=Shard(0) tp=Replicate()``, or ``whole on
+    each rank`` for a plain tensor (DDP, or no data parallelism)."""
+    if not isinstance(param, DTensor):
+        return "whole on each rank"
+    names = param.device_mesh.mesh_dim_names or tuple(
+        f"dim{i}" for i in range(param.device_mesh.ndim)
+    )
+    return " ".join(f"{n}={_placement(p)}" for n, p in zip(names, param.placements, strict=True))
+
+
+def _placement(placement: Any) -> str:
+    dim = getattr(placement, "dim", None)
+    kind = type(placement).__name__.lstrip("_")  # _StridedShard, ... keep their own name
+    return f"{kind}({dim})" if isinstance(dim, int) else kind
+
+
+def parameter_placements(parts: list[nn.Module]) -> list[tuple[str, str]]:
+    """``(names, placement)`` rows for the parameters of ``parts``, in order; names that differ
+    only in a layer index are merged into one ``*`` row (with every placement they have)."""
+    rows: dict[str, set[str]] = {}
+    for part in parts:
+        for name, param in part.named_parameters():
+            pattern = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
+            rows.setdefault(pattern, set()).add(placement_of(param))
+    return [(pattern, " | ".join(sorted(where))) for pattern, where in rows.items()]
 
 
 def _unique_parameters(parts: list[nn.Module]) -> list[torch.Tensor]:
@@ -170,7 +213,11 @@ def summarize(trainer: BaseTrainer) -> StartupSummary:
             if steps is None
             else min(steps, training.train_steps_per_epoch)
         )
+    placements = {
+        name: parameter_placements(parts) for name, parts in trainer.model_parts().items()
+    }
     return StartupSummary(
+        placements=placements,
         models=models,
         batch_size=batches.pop() if len(batches) == 1 and -1 not in batches else None,
         batches_per_rank=lengths,

@@ -91,6 +91,8 @@ class GradientStepping:
         skipped counts once), this run and the runs it resumed."""
         self._skipped_this_group = False
         self._loss_parallel_depth = 0
+        # (step, rank-local norm) of steps whose finiteness is checked later (see step()).
+        self._unchecked_norms: list[tuple[int, torch.Tensor]] = []
 
     @property
     def is_accumulating_gradients(self) -> bool:
@@ -198,13 +200,14 @@ class GradientStepping:
         if training.gradient_clip_val is not None:
             clip_grads_by_total_norm_(params, training.gradient_clip_val, norm)
         stepped = True
-        if not bool(torch.isfinite(norm)):
+        if training.on_non_finite_grad == "error" and self._defer_non_finite_check:
+            # No host sync per step on an accelerator: checked in bulk by check_gradient_norms.
+            self._unchecked_norms.append((self.global_step, norm.detach()))
+            if len(self._unchecked_norms) >= _MAX_UNCHECKED_NORMS:
+                self.check_gradient_norms()
+        elif not bool(torch.isfinite(norm)):
             if training.on_non_finite_grad == "error":
-                raise NonFiniteGradientError(
-                    f"the total gradient norm is {norm.item()} at step {self.global_step} on rank "
-                    f"{self.world.rank}. Lower the learning rate, set gradient_clip_val, check the "
-                    "inputs for NaN/inf, or set training_parameters.on_non_finite_grad='skip'."
-                )
+                raise _non_finite_error(float(norm.item()), self.global_step, self.world.rank)
             logger.warning("skipping step %d: gradient norm is %s", self.global_step, norm.item())
             if not self._skipped_this_group:
                 self.skipped_steps += 1
@@ -224,8 +227,50 @@ class GradientStepping:
         self._stepped_this_group += 1
         return stepped
 
+    @property
+    def _defer_non_finite_check(self) -> bool:
+        """Check gradient norms in bulk rather than per step (accelerators: no per-step sync)."""
+        return self.device.type != "cpu"
+
+    def check_gradient_norms(self) -> None:
+        """Raise :class:`NonFiniteGradientError` for the first non-finite norm not checked yet.
+
+        One host sync for all of them. The loop calls it at log steps, before checkpoints and at
+        the end of ``fit``; steps check immediately on the CPU and with ``"skip"``.
+        """
+        pending, self._unchecked_norms = self._unchecked_norms, []
+        if not pending:
+            return
+        norms = torch.stack([norm for _, norm in pending])
+        finite = torch.isfinite(norms)
+        if bool(finite.all()):
+            return
+        first = int((~finite).nonzero()[0, 0])
+        step, value = pending[first][0], float(norms[first].item())
+        raise _non_finite_error(value, step, self.world.rank, checked_at=self.global_step)
+
     def _end_accumulation_group(self) -> None:
         self._token_mode = None
         self._step_tokens = None
         self._stepped_this_group = 0
         self._skipped_this_group = False
+
+
+_MAX_UNCHECKED_NORMS = 100
+"""Steps a deferred check may fall behind even without a log step."""
+
+
+def _non_finite_error(
+    value: float, step: int, rank: int, checked_at: int | None = None
+) -> NonFiniteGradientError:
+    late = ""
+    if checked_at is not None and checked_at != step:
+        late = (
+            f" (found at step {checked_at} by the deferred check: steps {step} to "
+            f"{checked_at - 1} were applied with it; no checkpoint was written since)"
+        )
+    return NonFiniteGradientError(
+        f"the total gradient norm is {value} at step {step} on rank {rank}{late}. Lower the "
+        "learning rate, set gradient_clip_val, check the inputs for NaN/inf, or set "
+        "training_parameters.on_non_finite_grad='skip'."
+    )

@@ -115,6 +115,7 @@ class CheckpointMixin(BaseTrainer):
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current step (collective: every rank calls it)."""
+        self.check_gradient_norms()  # never save weights a non-finite step has updated
         if self._checkpointer is None:
             self._checkpointer = Checkpointer(self)
         params = self.config.checkpoint_parameters
