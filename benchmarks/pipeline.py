@@ -99,6 +99,7 @@ from torch.utils.data import DataLoader, Dataset
 from dream_trainer import DreamTrainer, DreamTrainerConfig
 from dream_trainer.configs import DeviceParameters, LoggingParameters, TrainingParameters
 from dream_trainer.trainer import Callback
+from dream_trainer.world.process_groups import let_gloo_workers_settle
 
 SCHEDULES = (
     "GPipe",
@@ -424,7 +425,11 @@ def _rank_main(rank: int, job: Job, port: int, out_dir: str) -> None:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         if dist.is_initialized():
+            # As DistributedWorld does for its own groups: a barrier, then a moment for gloo's
+            # worker threads to finish, or the exit can abort ("terminate called ...").
+            dist.barrier()
             dist.destroy_process_group()
+            let_gloo_workers_settle()
 
 
 # The launcher

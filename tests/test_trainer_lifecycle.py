@@ -92,6 +92,9 @@ def three_runs_in_fresh_processes(ports: list[int]) -> dict[str, dict[str, Any]]
     """Each fit starts its own process group (on a new port: the previous one was destroyed)."""
     runs: dict[str, dict[str, Any]] = {}
     runs["success"] = fit_and_report()
+    # Never the port just used: torch reuses a live TCPStore server on a port in the same
+    # process, and its keys from the last run would pair ranks of different runs.
+    ports = [port for port in ports if str(port) != os.environ["MASTER_PORT"]]
     os.environ["MASTER_PORT"] = str(ports[0])
     runs["interrupt"] = fit_and_report(KeyboardInterrupt, (0, 1))
     os.environ["MASTER_PORT"] = str(ports[1])
@@ -99,15 +102,21 @@ def three_runs_in_fresh_processes(ports: list[int]) -> dict[str, dict[str, Any]]
     return runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (held open together while chosen, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @functools.cache
 def fresh_runs() -> tuple[dict[str, dict[str, Any]], ...]:
-    ports = [_free_port(), _free_port()]
+    ports = _free_ports(3)  # one may be the first run's port; two others remain
     return tuple(run_with_fresh_ranks(three_runs_in_fresh_processes, 2, ports, timeout=90))
 
 
