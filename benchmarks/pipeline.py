@@ -74,14 +74,11 @@ import argparse
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -90,8 +87,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -99,7 +94,11 @@ from torch.utils.data import DataLoader, Dataset
 from dream_trainer import DreamTrainer, DreamTrainerConfig
 from dream_trainer.configs import DeviceParameters, LoggingParameters, TrainingParameters
 from dream_trainer.trainer import Callback
-from dream_trainer.world.process_groups import let_gloo_workers_settle
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import spawned_ranks
 
 SCHEDULES = (
     "GPipe",
@@ -412,72 +411,9 @@ def train(job: Job, rank: int) -> dict[str, Any]:
     }
 
 
-def _rank_main(rank: int, job: Job, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    quiet()
-    if job.ranks > 1:
-        os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(job.ranks))
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=job.ranks
-        )
-    try:
-        result = train(job, rank)
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        if dist.is_initialized():
-            # As DistributedWorld does for its own groups: a barrier, then a moment for gloo's
-            # worker threads to finish, or the exit can abort ("terminate called ...").
-            dist.barrier()
-            dist.destroy_process_group()
-            let_gloo_workers_settle()
-
-
-# The launcher
-
-
 def launch(job: Job, timeout: float) -> list[dict[str, Any]] | str:
     """Run ``job`` on fresh processes; the per-rank results, or why there are none."""
-    with tempfile.TemporaryDirectory(prefix="pp-bench-") as out_dir:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        threads = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"  # read by the spawned ranks before torch starts
-        try:
-            context = mp.start_processes(
-                _rank_main,
-                args=(job, port, out_dir),
-                nprocs=job.ranks,
-                join=False,
-                start_method="spawn",
-            )
-        finally:
-            if threads is None:
-                del os.environ["OMP_NUM_THREADS"]
-            else:
-                os.environ["OMP_NUM_THREADS"] = threads
-        deadline = time.monotonic() + timeout
-        try:
-            while not context.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    for process in context.processes:
-                        if process.is_alive():
-                            process.kill()
-                    for process in context.processes:
-                        process.join()
-                    return f"timed out after {timeout:.0f} s"
-        except mp.ProcessRaisedException as error:
-            lines = [line for line in str(error).splitlines() if line.strip()]
-            return f"rank {error.error_index} raised {lines[-1].strip()}"
-        except mp.ProcessExitedException as error:
-            return f"rank {error.error_index} exited with code {error.exit_code}"
-        results = []
-        for rank in range(job.ranks):
-            path = Path(out_dir, f"rank{rank}.json")
-            if not path.exists():
-                return f"rank {rank} wrote no result"
-            results.append(json.loads(path.read_text()))
-        return results
+    return spawned_ranks.launch(train, quiet, job, job.ranks, timeout, prefix="pp-bench-")
 
 
 # Figures

@@ -17,15 +17,16 @@ from tests.test_trainer_parity import RecordingTrainer, full_weights
 TOTAL, STOP = 20, 10  # 8 steps per epoch: the stop is in the middle of the second epoch
 
 
-def run(
+def resume_config(
     params: DeviceParameters,
     max_steps: int,
     run_dir: str,
     checkpoints: bool,
-    resume: str = "auto",
+    resume: str,
     **fields: Any,
-) -> dict[str, Any]:
-    config = ParityConfig(
+) -> ParityConfig:
+    """The parity model with accumulation 2 and clipping, checkpointing (or not) into run_dir."""
+    return ParityConfig(
         seed=7,
         lr=1e-3,
         shuffle=True,
@@ -38,6 +39,17 @@ def run(
         checkpoint_parameters={"enable": checkpoints, "resume": resume},
         **fields,
     )
+
+
+def run(
+    params: DeviceParameters,
+    max_steps: int,
+    run_dir: str,
+    checkpoints: bool,
+    resume: str = "auto",
+    **fields: Any,
+) -> dict[str, Any]:
+    config = resume_config(params, max_steps, run_dir, checkpoints, resume, **fields)
     trainer = RecordingTrainer(config)
     trainer.logged_losses = []
     trainer.fit()
@@ -110,19 +122,7 @@ def _full(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 def segment(
     params: DeviceParameters, max_steps: int, run_dir: str, **fields: Any
 ) -> dict[str, Any]:
-    config = ParityConfig(
-        seed=7,
-        lr=1e-3,
-        shuffle=True,
-        run_dir=run_dir,
-        device_parameters=params,
-        training_parameters=TrainingParameters(
-            n_epochs=4, max_steps=max_steps, gradient_accumulation_steps=2, gradient_clip_val=1.0
-        ),
-        logging_parameters={"log_every_n_steps": 1, "backends": []},
-        checkpoint_parameters={"enable": True, "resume": "auto"},
-        **fields,
-    )
+    config = resume_config(params, max_steps, run_dir, True, "auto", **fields)
     trainer = CaptureAfterLoad(config)
     trainer.logged_losses = []
     trainer.fit()
