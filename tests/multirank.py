@@ -1,12 +1,23 @@
 """Run test functions on several CPU ranks (gloo) from inside pytest.
 
 Why a pool: starting a rank costs seconds, almost all of it importing torch. Measured on the
-2-core dev machine (best runs; other jobs shared it and often doubled these): a pool of 2 ranks
-is ready in ~1.2-2.8 s, 4 ranks in ~5 s, 8 ranks in ~9.5 s, while a call on a warm pool with a
-tiny function takes ~0.25 ms (2 ranks), ~0.6 ms (4), ~1.1 ms (8). So each world size gets one
-persistent pool of spawned processes with the default process group already initialized, reused
-by every test of the pytest session. Restoring process-group state after a call that changed it
+2-core dev machine (best runs; other jobs shared it and often doubled these): a pool of 2
+*spawned* ranks is ready in ~1.2-2.8 s, 4 ranks in ~5 s, 8 ranks in ~9.5 s, while a call on a
+warm pool with a tiny function takes ~0.25 ms (2 ranks), ~0.6 ms (4), ~1.1 ms (8). So each world
+size gets one persistent pool with the default process group already initialized, reused by
+every test of the pytest session. Restoring process-group state after a call that changed it
 costs ~30-50 ms (4 ranks).
+
+Why a fork server: on Linux, ranks are forked by multiprocessing's fork server, which imports
+torch once (with OMP_NUM_THREADS=1, as a spawned rank does) and has never run any torch code, so
+every rank starts as a new process with torch already imported: a pool of 4 is ready in ~0.1 s
+and one of 8 in ~0.2 s instead of ~5 and ~10 s (the first pool of a session also starts the
+server, ~2-4 s, like one spawned start). That makes the pools rebuilt after failures and
+``run_with_fresh_ranks`` cheap too. Each rank gets the environment of the process that started
+the pool, as a spawned one would. A fresh-ranks ``env`` naming a variable that torch or its
+thread libraries read at import (``TORCH*`` but ``TORCHELASTIC_*``, ``OMP_*``, ...) gets spawned
+processes instead, which see it before importing torch; so do other platforms, and every pool
+when DREAM_TESTS_SPAWN_RANKS=1 (to tell a fork-server problem from a test's).
 
 Design:
 
@@ -23,10 +34,13 @@ Design:
   environment variables and working directory. Process groups created by the function are
   destroyed; a default group destroyed or replaced by the function is re-created. The RNG is NOT
   reset: every function must seed itself.
-* Ranks ignore SIGINT, exit when their pipe closes or their parent dies, and pools are shut down
-  at interpreter exit and at the end of the pytest session (see ``tests/conftest.py``).
-* Rank stdout/stderr is inherited from the process that started the pool, so pytest does not
-  capture prints of later tests; rely on return values and raised errors instead.
+* Ranks ignore SIGINT, exit when their pipe closes or when the process that started them dies
+  (they watch multiprocessing's parent sentinel: a forked rank's OS parent is the fork server),
+  and pools are shut down at interpreter exit and at the end of the pytest session (see
+  ``tests/conftest.py``).
+* Rank stdout/stderr is inherited from the pytest process (as it was when the fork server, or a
+  spawned pool, started), so pytest does not capture prints of later tests; rely on return
+  values and raised errors instead.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import atexit
 import contextlib
 import faulthandler
 import multiprocessing as mp
+import multiprocessing.forkserver
 import multiprocessing.util  # its atexit hook joins children: import it first so ours runs first
 import os
 import pickle
@@ -59,6 +74,32 @@ RESTORE_TIMEOUT_S = 60.0
 FAILURE_GRACE_S = 5.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _RDZV_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+# What the fork server imports before it forks any rank: torch modules most tests use (the
+# tensor package brings dynamo), nothing of dream_trainer. With OMP_NUM_THREADS=1 the server has
+# a single thread, so forking it is safe.
+_PRELOAD = [
+    "pytest",
+    "tests.multirank",
+    "torch",
+    "torch.distributed",
+    "torch.distributed.tensor",
+    "torch.distributed.checkpoint",
+    "torch.distributed.fsdp",
+    "torch.distributed.pipelining",
+]
+# Prefixes of variables read when torch (or OpenMP, MKL, the loader) is imported.
+_IMPORT_TIME_ENV = (
+    "TORCH",
+    "PYTORCH",
+    "OMP_",
+    "GOMP_",
+    "KMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "LD_",
+    "PYTHON",
+)
+_forkserver_ready = False
 
 
 class MultiRankError(Exception):
@@ -72,11 +113,38 @@ class MultiRankError(Exception):
         super().__init__("\n".join(parts))
 
 
-def _watch_parent(parent_pid: int) -> None:
-    # A rank blocked in a collective never reads its pipe, so poll the parent as well.
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
+def _watch_parent() -> None:
+    # A rank blocked in a collective never reads its pipe, so watch the parent as well: its
+    # sentinel (a pipe the parent holds open) is readable once the parent has died.
+    parent = mp.parent_process()
+    if parent is not None:
+        parent.join()
     os._exit(3)
+
+
+def _context(env: dict[str, str] | None) -> Any:
+    """The fork server (started once, torch preloaded) on Linux; spawn elsewhere, or when ``env``
+    sets a variable that must be in place before torch is imported."""
+    global _forkserver_ready
+    import_time = [k for k in env or {} if k.startswith(_IMPORT_TIME_ENV)]
+    spawn_only = sys.platform != "linux" or os.environ.get("DREAM_TESTS_SPAWN_RANKS") == "1"
+    if spawn_only or any(not k.startswith("TORCHELASTIC_") for k in import_time):
+        return mp.get_context("spawn")
+    if not _forkserver_ready:
+        mp.set_forkserver_preload(_PRELOAD)
+        _forkserver_ready = True
+    # Started here (or restarted, if it died) rather than by the first fork, to set its
+    # OMP_NUM_THREADS, which OpenMP reads when the server imports torch.
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
+    return mp.get_context("forkserver")
 
 
 def _extra_groups(dist: Any) -> list[Any]:
@@ -95,14 +163,18 @@ def _receive(conn: Connection) -> tuple[Any, ...]:
 
 
 def _worker_main(rank: int, world_size: int, conn: Connection, cfg: dict[str, Any]) -> None:
-    """Entry point of one rank: set the torchrun-like env *before* importing torch, then serve."""
+    """Entry point of one rank: set the torchrun-like env (before importing torch, unless the
+    fork server already did, with the same OMP_NUM_THREADS), then serve."""
+    if "parent_env" in cfg:  # a forked rank has the fork server's environment: take the pool's
+        os.environ.clear()
+        os.environ.update(cfg["parent_env"])
     os.environ.update(cfg["env"])
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     # Relative paths a test writes (a trainer's default run_dir "runs") land in the pool's
     # temporary directory, not in the checkout.
     os.chdir(cfg["cwd"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns our lifetime
-    threading.Thread(target=_watch_parent, args=(cfg["parent_pid"],), daemon=True).start()
+    threading.Thread(target=_watch_parent, daemon=True).start()
     if hasattr(signal, "SIGUSR1"):
         stack_file = open(Path(cfg["dir"]) / f"rank{rank}.stack", "w")  # noqa: SIM115
         faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
@@ -190,12 +262,12 @@ class _Pool:
         os.makedirs(cwd)
         cfg = {
             "env": env_vars,
-            "parent_pid": os.getpid(),
+            "parent_env": dict(os.environ),
             "dir": self.dir,
             "cwd": cwd,
             "store": store,
         }
-        ctx = mp.get_context("spawn")
+        ctx = _context(env)
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
         try:

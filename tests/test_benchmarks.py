@@ -1,7 +1,7 @@
 """Smoke tests of the benchmarks: overhead.py runs and both of its loops do the same work;
 pipeline.py runs its schedules on 2 ranks and prints a row for each; checkpoint.py prints every
 row and leaves nothing behind; context_parallel.py measures cp 1 and 2 and their losses
-match.
+match; inference.py generates on 1 and 2 ranks with the same completions.
 
 No timing is asserted here; speed is measured by running the benchmark itself.
 """
@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks import checkpoint as checkpoint_bench
 from benchmarks import context_parallel as cp_bench
+from benchmarks import inference as inference_bench
 from benchmarks import overhead, pipeline
 from tests.multirank import run_on_ranks
 
@@ -159,4 +160,27 @@ def test_context_parallel_smoke_prints_rows_with_equal_losses(
     assert 0 < float(cp2[column["act. / cp=1"]]) < 1, cp2
     gap = re.search(r"^losses: max \|loss - loss at cp=1\| over 3 steps .*: (\S+) ", out, re.M)
     assert gap is not None and float(gap.group(1)) < 1e-5, out
+    assert "load average before" in out and "load average after" in out
+
+
+@pytest.mark.multirank
+def test_inference_smoke_prints_a_row_per_rank_count_with_the_same_output(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    inference_bench.main(["--smoke"])  # tiny llama3, 1 and 2 ranks, 8 prompts, 2 new tokens
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    header = rows.pop("run")
+    column = {name: index for index, name in enumerate(header)}
+    assert set(rows) == {"1 rank (run 1)", "2 ranks"}, out
+    for cells in rows.values():
+        assert len(cells) == len(header), cells
+        assert float(cells[column["prompts/s"]]) > 0, cells
+        assert float(cells[column["/ 1 rank"]]) > 0, cells
+        assert float(cells[column["new tokens/s"]]) > 0, cells
+        assert cells[column["same output"]] == "true", cells  # the same work on 2 ranks
+        float(cells[column["load"]])
+    assert rows["1 rank (run 1)"][column["/ 1 rank"]] == "1.000"
+    assert rows["2 ranks"][column["prompts/rank"]] == "4"  # 8 prompts split 4 + 4
+    assert rows["2 ranks"][column["ideal"]] == "2"
     assert "load average before" in out and "load average after" in out

@@ -14,7 +14,10 @@ from tests.multirank import run_on_ranks
 from tests.parity_model import ParityConfig
 from tests.test_trainer_parity import RecordingTrainer, full_weights
 
-TOTAL, STOP = 20, 10  # 8 steps per epoch: the stop is in the middle of the second epoch
+# 48 samples, 16 per step: 3 steps per epoch. The stop is in the middle of the second epoch (the
+# resumed run then crosses two epoch boundaries), and so is every segment's end in the layout
+# chain below (steps 2, 5, 7).
+TOTAL, STOP, SAMPLES = 10, 4, 48
 
 
 def resume_config(
@@ -37,7 +40,7 @@ def resume_config(
         ),
         logging_parameters={"log_every_n_steps": 1, "backends": []},
         checkpoint_parameters={"enable": checkpoints, "resume": resume},
-        **fields,
+        **{"dataset_size": SAMPLES, **fields},
     )
 
 

@@ -18,6 +18,7 @@ from dream_trainer.parallel.context import (
     ContextLayout,
     activated,
     context_parallel_attention,
+    global_sequence_length,
     sequence_positions,
 )
 from tests.multirank import run_on_ranks
@@ -155,3 +156,11 @@ def test_masks_it_cannot_split_are_refused_not_replaced() -> None:
     assert "window_size=4 (a sliding-window mask)" in messages[1]
     assert "dropout_p=0.1" in messages[2]
     assert "must be a multiple of 4 (2 x context_parallel=2)" in messages[3]
+
+
+def test_the_global_sequence_length_is_known_on_the_host_under_every_split():
+    assert global_sequence_length(12) == 12  # no context parallelism
+    for balanced, local, full in ((True, 6, 24), (False, 6, 24)):
+        with activated(ContextLayout(None, 4, 1, load_balance=balanced)):
+            assert global_sequence_length(local) == full
+            assert len(sequence_positions(local)) == local

@@ -94,6 +94,11 @@ def test_docs_pages_follow_snippet_conventions() -> None:
     assert COLLECT_ERROR is None, COLLECT_ERROR
 
 
+def test_pages_in_subfolders_of_docs_are_collected() -> None:
+    pages = {block.page for block in BLOCKS}
+    assert "docs/tutorials/multi-gpu.md" in pages, sorted(pages)
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.test_id for b in BLOCKS])
 def test_snippet(block: Block, page_states: _StateFactory) -> None:
     if block.skip_reason is not None:

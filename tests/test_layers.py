@@ -1,6 +1,7 @@
 """Check the import layering of dream_trainer and examples by parsing their source.
 
-Layers, lowest first: configs -> world -> parallel -> trainer -> callbacks -> examples.
+Layers, lowest first: configs -> world -> parallel -> inference -> trainer -> callbacks ->
+launch -> examples.
 A module imports dream_trainer modules of its own layer or below only. Files directly in
 dream_trainer/ (``__init__.py`` and other top-level modules) are the facade: they may import
 anything in dream_trainer, and no layered module may import them (examples may: they are users).
@@ -27,10 +28,12 @@ LAYERS: dict[str, int] = {
     "configs": 0,
     "world": 1,
     "parallel": 2,
-    "trainer": 3,
-    "callbacks": 4,
+    "inference": 3,
+    "trainer": 4,
+    "callbacks": 5,
+    "launch": 6,
 }
-EXAMPLES_LAYER = 5
+EXAMPLES_LAYER = 7
 FACADE_LAYER = 100
 LAYER_NAMES = {**{v: k for k, v in LAYERS.items()}, EXAMPLES_LAYER: "examples"}
 

@@ -87,11 +87,15 @@ LAYOUTS = {
         1,
     ),
     "fsdp2_tp2": (4, DeviceParameters.FSDP(dp_shard=2, tensor_parallel=2, loss_parallel=True), 2),
-    # torch.compile (inductor) per block: under TP the first block's input used to lose its
-    # gradient (the embedding trained with zero gradient under FSDP x TP).
-    "tp2_compile": (
+    # torch.compile per block: under TP the first block's input used to lose its gradient (the
+    # embedding trained with zero gradient under FSDP x TP). The edge was lost where dynamo takes
+    # an async collective's output (dream_trainer/parallel/compile.py), before any backend, so TP
+    # alone uses aot_eager (no code generation: quick); FSDP x TP keeps inductor.
+    "tp2_compile_aot_eager": (
         2,
-        DeviceParameters.FSDP(dp_shard=1, tensor_parallel=2, compile_model=True),
+        DeviceParameters.FSDP(
+            dp_shard=1, tensor_parallel=2, compile_model=True, compile_backend="aot_eager"
+        ),
         1,
     ),
     "fsdp2_tp2_compile": (

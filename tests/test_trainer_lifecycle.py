@@ -37,7 +37,7 @@ pytestmark = pytest.mark.multirank
 # Collectives of a rank left waiting fail after this long. The raising rank's process lives on in
 # the harness, so its gloo connections stay open (gloo's abort does not wake a peer blocked in a
 # receive either): the train timeout is what frees the peer. Under torchrun the process exits.
-TRAIN_TIMEOUT_S = 8.0
+TRAIN_TIMEOUT_S = 5.0
 
 
 class GroupProbe(Callback):

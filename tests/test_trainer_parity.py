@@ -132,6 +132,13 @@ LAYOUTS = {
     ),
     "ddp2_tp2": (4, DeviceParameters.DDP(tensor_parallel=2), {}),
     "fsdp2_activation_checkpointing": (2, DeviceParameters.FSDP(checkpoint_activations=True), {}),
+    "fsdp2_selective_activation_checkpointing": (
+        2,
+        DeviceParameters.FSDP(
+            checkpoint_activations=True, activation_checkpoint_config={"mode": "selective"}
+        ),
+        {},
+    ),
     "ddp2_cpu_offload": (2, DeviceParameters.DDP(cpu_offload=True), {}),
     "fsdp2_cpu_offload": (2, DeviceParameters.FSDP(cpu_offload=True), {}),
 }
@@ -177,20 +184,27 @@ COMPILED_LAYOUTS = ["ddp2", "fsdp2", "tp2", "tp2_sp_lossparallel", "fsdp2_tp2", 
 
 
 @pytest.mark.parametrize("layout", COMPILED_LAYOUTS)
-def test_compiled_layout_matches_one_process(layout):
+def test_compiled_layout_matches_one_process(layout, request):
     world_size, params, overrides = LAYOUTS[layout]
-    results = run_on_ranks(
-        train, world_size, compiled(params, "aot_eager"), "adamw", timeout=600, **overrides
-    )
+    if layout == "fsdp2_tp2":  # the first fit of the two-fit run the tests below share
+        results = [first for first, _ in request.getfixturevalue("fsdp2_tp2_compiled_twice")]
+    else:
+        results = run_on_ranks(
+            train, world_size, compiled(params, "aot_eager"), "adamw", timeout=600, **overrides
+        )
     assert_matches_reference(results, "adamw")
 
 
 @pytest.mark.parametrize("layout", ["tp2_sp_lossparallel", "fsdp2_tp2"])
-def test_layout_compiled_with_inductor_matches_one_process(layout):
+def test_layout_compiled_with_inductor_matches_one_process(layout, request):
     world_size, params, overrides = LAYOUTS[layout]
-    results = run_on_ranks(
-        train, world_size, compiled(params, "inductor"), "adamw", timeout=900, **overrides
-    )
+    if layout == "tp2_sp_lossparallel":  # the first fit of the run the cache test shares
+        runs = request.getfixturevalue("tp2_sp_inductor_twice_sharing_a_compile_cache")
+        results = [first for first, _ in runs]
+    else:
+        results = run_on_ranks(
+            train, world_size, compiled(params, "inductor"), "adamw", timeout=900, **overrides
+        )
     assert_matches_reference(results, "adamw")
 
 
@@ -200,20 +214,6 @@ class TorchCompiledTrainer(RecordingTrainer):
     def apply_compile(self) -> None:
         for block in self.model.layers:
             block.compile(backend="aot_eager")
-
-
-def test_blocks_a_user_compiles_with_torch_keep_their_gradients_under_tensor_parallel():
-    world_size, params, overrides = LAYOUTS["fsdp2_tp2"]
-    results = run_on_ranks(
-        train,
-        world_size,
-        params.model_copy(update={"compile_model": True}),
-        "adamw",
-        trainer_class=TorchCompiledTrainer,
-        timeout=600,
-        **overrides,
-    )
-    assert_matches_reference(results, "adamw")
 
 
 def train_twice(params: DeviceParameters, **overrides: Any) -> list[dict[str, Any]]:
@@ -228,14 +228,28 @@ def train_twice(params: DeviceParameters, **overrides: Any) -> list[dict[str, An
     return [first, train(params, "adamw", trainer_class=TorchCompiledTrainer, **overrides)]
 
 
-def test_a_second_compiled_fit_in_one_process_trains_like_the_first():
+@pytest.fixture(scope="module")
+def fsdp2_tp2_compiled_twice() -> list[list[dict[str, Any]]]:
+    """Per rank: a fit of fsdp2_tp2 compiled (aot_eager) by dream_trainer, then in the same
+    process a second fit whose blocks the user compiles with torch (``TorchCompiledTrainer``).
+    Three tests check this one run: the first fit, the second fit, and the two together."""
+    world_size, params, overrides = LAYOUTS["fsdp2_tp2"]
+    return run_on_ranks(
+        train_twice, world_size, compiled(params, "aot_eager"), timeout=600, **overrides
+    )
+
+
+def test_blocks_a_user_compiles_with_torch_keep_their_gradients_under_tensor_parallel(
+    fsdp2_tp2_compiled_twice,
+):
+    assert_matches_reference([second for _, second in fsdp2_tp2_compiled_twice], "adamw")
+
+
+def test_a_second_compiled_fit_in_one_process_trains_like_the_first(fsdp2_tp2_compiled_twice):
     # Compiled graphs name the process groups of their collectives; a second fit builds new
     # groups, so the first fit's graphs must not be reused ("Could not resolve the process
     # group registered under the name ...").
-    world_size, params, overrides = LAYOUTS["fsdp2_tp2"]
-    runs = run_on_ranks(
-        train_twice, world_size, compiled(params, "aot_eager"), timeout=600, **overrides
-    )
+    runs = fsdp2_tp2_compiled_twice
     for first, second in runs:
         assert first["losses"] == pytest.approx(second["losses"], rel=1e-6)
     assert_matches_reference([run[1] for run in runs], "adamw")
@@ -263,16 +277,26 @@ def train_twice_sharing_a_compile_cache(
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
 
 
-def test_a_second_inductor_fit_never_loads_code_compiled_for_other_process_groups(tmp_path):
+@pytest.fixture(scope="module")
+def tp2_sp_inductor_twice_sharing_a_compile_cache(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> list[list[dict[str, Any]]]:
+    """Per rank: two inductor fits of tp2_sp_lossparallel sharing a fresh Inductor cache."""
+    world_size, params, overrides = LAYOUTS["tp2_sp_lossparallel"]
+    return run_on_ranks(
+        train_twice_sharing_a_compile_cache, world_size, compiled(params, "inductor"),
+        str(tmp_path_factory.mktemp("inductor")), timeout=900, **overrides,
+    )  # fmt: skip
+
+
+def test_a_second_inductor_fit_never_loads_code_compiled_for_other_process_groups(
+    tp2_sp_inductor_twice_sharing_a_compile_cache,
+):
     # Without tag_compile_caches_with_groups (called by fit) the second fit loaded the first
     # fit's cached code and trained to other losses (step 2: 4.28460 instead of 4.28541),
     # silently; in a longer-lived process it failed with "Could not resolve the process group
     # registered under the name ...".
-    world_size, params, overrides = LAYOUTS["tp2_sp_lossparallel"]
-    runs = run_on_ranks(
-        train_twice_sharing_a_compile_cache, world_size, compiled(params, "inductor"),
-        str(tmp_path / "inductor"), timeout=600, **overrides,
-    )  # fmt: skip
+    runs = tp2_sp_inductor_twice_sharing_a_compile_cache
     for first, second in runs:
         assert first["losses"] == pytest.approx(second["losses"], rel=1e-6)
     assert_matches_reference([run[1] for run in runs], "adamw")

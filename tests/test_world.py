@@ -357,7 +357,7 @@ def test_layout_is_printed_once_by_rank_zero_only():
 
 
 def test_only_torchrun_agent_variables_make_a_supervised_environment():
-    ranks = {"RANK": "0", "WORLD_SIZE": "2"}
+    ranks = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     assert not LaunchEnvironment.detect(ranks).supervised  # e.g. a hand-rolled launcher
     assert LaunchEnvironment.detect({**ranks, "TORCHELASTIC_RUN_ID": "job"}).supervised
     assert not LaunchEnvironment.detect({"TORCHELASTIC_RUN_ID": "job"}).supervised  # single

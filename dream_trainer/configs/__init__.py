@@ -1,5 +1,6 @@
 """Typed, validated configuration (pydantic v2). Unknown keys are errors; JSON round-trips exactly."""
 
+from dream_trainer.configs.auto_layout import AutoLayout
 from dream_trainer.configs.base import ConfigModel, DType
 from dream_trainer.configs.checkpoint import CheckpointParameters
 from dream_trainer.configs.cli import (
@@ -8,6 +9,7 @@ from dream_trainer.configs.cli import (
     config_from_command_line,
     parse_overrides,
 )
+from dream_trainer.configs.compute import ActivationCheckpointConfig, Float8Config
 from dream_trainer.configs.device import (
     CommParameters,
     ContextParallelConfig,
@@ -22,9 +24,12 @@ from dream_trainer.configs.trainer import (
     ModelSetupConfigMixin,
     TrainerConfig,
 )
-from dream_trainer.configs.training import TrainingParameters
+from dream_trainer.configs.training import BatchSizes, TrainingParameters, resolve_batch_sizes
 
 __all__ = [
+    "ActivationCheckpointConfig",
+    "AutoLayout",
+    "BatchSizes",
     "CheckpointConfigMixin",
     "CheckpointParameters",
     "CommParameters",
@@ -33,6 +38,7 @@ __all__ = [
     "DType",
     "DeviceParameters",
     "DreamTrainerConfig",
+    "Float8Config",
     "LoggerConfigMixin",
     "LoggingParameters",
     "ModelSetupConfigMixin",
@@ -43,4 +49,5 @@ __all__ = [
     "apply_overrides",
     "config_from_command_line",
     "parse_overrides",
+    "resolve_batch_sizes",
 ]

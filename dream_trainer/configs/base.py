@@ -78,6 +78,30 @@ class ConfigModel(BaseModel):
     extra_keys_accepted: ClassVar[frozenset[str]] = frozenset()
     """Keys a subclass translates itself (e.g. guide-form aliases), so they are not typos."""
 
+    shorthands: ClassVar[tuple[str, ...]] = ()
+    """The strings :meth:`expand_shorthand` accepts, named in the error for any other string."""
+
+    @classmethod
+    def expand_shorthand(cls, value: str) -> dict[str, Any] | None:
+        """The fields a string given in place of this whole config stands for (``None``: it
+        stands for nothing). ``DeviceParameters`` expands ``"auto"``; the command line uses this
+        too, so ``--device_parameters auto`` keeps the config's other fields."""
+        return None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_shorthand(cls, data: Any) -> Any:
+        if not isinstance(data, str):
+            return data
+        expanded = cls.expand_shorthand(data)
+        if expanded is None:
+            accepted = " or ".join(repr(s) for s in cls.shorthands)
+            raise ValueError(
+                f"{cls.__name__} cannot be given as the string {data!r}; give its fields as a "
+                "dict (or keyword arguments)" + (f", or the string {accepted}" if accepted else "")
+            )
+        return expanded
+
     @model_validator(mode="before")
     @classmethod
     def _reject_unknown_keys(cls, data: Any) -> Any:

@@ -68,8 +68,23 @@ def parse_overrides(args: Sequence[str], model: type[BaseModel] | None = None) -
                 raise OverrideError(
                     f"--{key} sets a field inside {part!r}, which was given a value"
                 )
+        expanded = _expand_shorthand(annotation, value)
+        if expanded is not None:  # --device_parameters auto: merged, so other options stay
+            earlier = target.get(leaf)
+            value = _merge(earlier, expanded) if isinstance(earlier, dict) else expanded
         target[leaf] = value
     return overrides
+
+
+def _expand_shorthand(annotation: Any, value: Any) -> dict[str, Any] | None:
+    """The fields a string given for a whole config stands for (``"auto"`` for
+    ``DeviceParameters``), or ``None``."""
+    sub = _model_class(annotation) if annotation is not _UNKNOWN else None
+    expand = getattr(sub, "expand_shorthand", None)
+    if not isinstance(value, str) or expand is None:
+        return None
+    expanded = expand(value)
+    return dict(expanded) if expanded is not None else None
 
 
 def apply_overrides(config: ConfigT, args: Sequence[str]) -> ConfigT:

@@ -13,7 +13,9 @@ from pydantic import (
     model_validator,
 )
 
+from dream_trainer.configs.auto_layout import AutoLayout
 from dream_trainer.configs.base import ConfigModel, DType
+from dream_trainer.configs.compute import ActivationCheckpointConfig, Float8Config
 
 
 def _parse_degree(value: Any, symbols: tuple[str, ...] = ("auto",)) -> int | str:
@@ -51,6 +53,8 @@ DEGREE_FIELDS = (
     "tensor_parallel",
 )
 """Degree fields in mesh order (outermost first): ``pp, dp_replicate, dp_shard, cp, tp``."""
+
+_DEFAULT_DEGREES: dict[str, int | str] = {name: 1 for name in DEGREE_FIELDS} | {"dp_shard": "auto"}
 
 # torch.distributed.pipelining schedule names (matched case-insensitively, as torch does).
 PIPELINE_SCHEDULES = (
@@ -182,7 +186,8 @@ class DeviceParameters(ConfigModel):
     """Parallel degrees and per-device options.
 
     Degrees multiply to the world size; at most one may be ``"auto"`` and takes what is left
-    when the world starts. Building this object never reads the environment.
+    when the world starts. With ``auto_layout`` (``DeviceParameters.auto()``, or the string
+    ``"auto"``) the launch chooses the degrees. Building this object never reads the environment.
     """
 
     pipeline_parallel: Degree = 1
@@ -211,7 +216,12 @@ class DeviceParameters(ConfigModel):
     """``torch.compile`` backend of the default ``apply_compile``; ``aot_eager`` traces and
     differentiates the same graphs without generating code (quick to compile, for debugging)."""
     checkpoint_activations: bool = False
-    """Run the ``apply_activation_checkpointing`` hook."""
+    """Run the ``apply_activation_checkpointing`` hook (``activation_checkpoint_config`` says
+    how: full or selective recomputation, and which blocks)."""
+    float8: bool = False
+    """Train ``nn.Linear`` layers with float8 matmuls through torchao (the
+    ``apply_float8_training`` hook; options in ``float8_config``; ``pip install
+    'dream-trainer[fp8]'``)."""
     loss_parallel: bool = False
     """With tensor parallelism, compute the loss on vocab-sharded logits."""
     async_tensor_parallel: bool = False
@@ -222,6 +232,15 @@ class DeviceParameters(ConfigModel):
     comm: CommParameters = Field(default_factory=CommParameters)
     pipeline_parallel_config: PipelineParallelConfig = Field(default_factory=PipelineParallelConfig)
     context_parallel_config: ContextParallelConfig = Field(default_factory=ContextParallelConfig)
+    activation_checkpoint_config: ActivationCheckpointConfig = Field(
+        default_factory=ActivationCheckpointConfig
+    )
+    float8_config: Float8Config = Field(default_factory=Float8Config)
+    auto_layout: AutoLayout | None = None
+    """Choose ``dp_replicate``, ``dp_shard`` and ``tensor_parallel`` at launch from the world
+    size, the device memory and the model's size (see ``DeviceParameters.auto``); ``None``:
+    the degrees above are the layout. On the command line: ``--device_parameters auto``, then
+    options such as ``--device_parameters.auto_layout.device_memory 80GiB``."""
 
     @classmethod
     def translate_aliases(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -236,6 +255,21 @@ class DeviceParameters(ConfigModel):
         return cls.translate_aliases(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
+    def _options_of_features_that_are_on(self) -> DeviceParameters:
+        # Options for a feature left off would be ignored without a word.
+        for options, switch in (
+            ("activation_checkpoint_config", "checkpoint_activations"),
+            ("float8_config", "float8"),
+        ):
+            value = getattr(self, options)
+            if not getattr(self, switch) and value != type(value)():
+                raise ValueError(
+                    f"{options} is set ({value!r}) but {switch}=False, so it would have no "
+                    f"effect; set {switch}=True or drop {options}"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _at_most_one_auto(self) -> DeviceParameters:
         autos = [name for name in DEGREE_FIELDS if getattr(self, name) == "auto"]
         if len(autos) > 1:
@@ -245,11 +279,49 @@ class DeviceParameters(ConfigModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _auto_layout_chooses_the_degrees(self) -> DeviceParameters:
+        if self.auto_layout is None:
+            return self
+        given = [
+            f"{name}={value!r}"
+            for name, value in self.degrees().items()
+            if value != _DEFAULT_DEGREES[name]
+        ]
+        if given:
+            raise ValueError(
+                "the automatic layout (auto_layout) chooses dp_replicate, dp_shard and "
+                "tensor_parallel itself and uses no pipeline or context parallelism, but "
+                f"{', '.join(given)} was given. Drop those degrees, or drop auto_layout and "
+                "give the layout yourself."
+            )
+        return self
+
+    shorthands = ("auto",)
+
+    @classmethod
+    def expand_shorthand(cls, value: str) -> dict[str, Any] | None:
+        """``"auto"``: the automatic layout with default options (the degrees reset)."""
+        if value == "auto":
+            return {**_DEFAULT_DEGREES, "auto_layout": {}}
+        return None
+
     def degrees(self) -> dict[str, int | Literal["auto", "node"]]:
         """The five degrees by field name, in mesh order."""
         return {name: getattr(self, name) for name in DEGREE_FIELDS}
 
     # Presets. Each accepts any other field as a keyword.
+
+    @classmethod
+    def auto(cls, **kwargs: Any) -> DeviceParameters:
+        """The layout chosen at launch: single device, DDP, HSDP, FSDP or FSDP x TP.
+
+        Keywords are :class:`~dream_trainer.configs.AutoLayout` options (``device_memory``,
+        ``parameter_count``, ``activation_reserve``, ...) or other fields of this class
+        (``param_dtype``, ``compile_model``, ...); the degrees are not: they are chosen.
+        """
+        options = {key: kwargs.pop(key) for key in list(kwargs) if key in AutoLayout.model_fields}
+        return cls(**{**_DEFAULT_DEGREES, "auto_layout": options, **kwargs})
 
     @classmethod
     def SINGLE_DEVICE(cls, **kwargs: Any) -> DeviceParameters:

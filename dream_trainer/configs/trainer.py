@@ -36,7 +36,8 @@ class ModelSetupConfigMixin(ConfigModel):
     """``full``: ``init_weights`` runs on one full CPU copy of each model, which is then
     distributed, so initial weights are identical under every layout (costs host memory for one
     full model). ``sharded``: ``init_weights`` runs on the sharded model in place (no extra
-    memory; initial values then depend on the layout unless the init is DTensor-aware)."""
+    memory; initial values then depend on the layout unless the init is DTensor-aware, as with
+    ``dream_trainer.parallel.fill_blockwise_``)."""
 
 
 MetricBackend = Literal["console", "jsonl", "wandb", "tensorboard"]

@@ -26,7 +26,11 @@ from torch.distributed.tensor.parallel.style import (
     SequenceParallel,
 )
 
-from dream_trainer.parallel.float8 import feeds_float8_linear, float8_tp_styles, is_float8_linear
+from dream_trainer.parallel.float8 import (
+    feeds_float8_linear,
+    float8_tp_styles,
+    uses_float8_tensor_parallel,
+)
 
 __all__ = [
     "ParameterStyle",
@@ -147,7 +151,7 @@ def colwise_parallel(
     )
 
     def build(module: nn.Module) -> ParallelStyle:
-        if is_float8_linear(module):
+        if uses_float8_tensor_parallel(module):
             return float8_tp_styles().Float8ColwiseParallel(**kwargs)
         return ColwiseParallel(**kwargs)
 
@@ -171,7 +175,7 @@ def rowwise_parallel(
     )
 
     def build(module: nn.Module) -> ParallelStyle:
-        if is_float8_linear(module):
+        if uses_float8_tensor_parallel(module):
             return float8_tp_styles().Float8RowwiseParallel(**kwargs)
         return RowwiseParallel(**kwargs)
 

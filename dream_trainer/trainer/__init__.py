@@ -10,6 +10,7 @@ from dream_trainer.trainer.mixins import (
     LoggerMixin,
     ModelSetupMixin,
     OptimizerAndSchedulerSetupMixin,
+    PredictMixin,
     SetupMixin,
 )
 from dream_trainer.trainer.samplers import GlobalOrderSampler
@@ -27,5 +28,6 @@ __all__ = [
     "ModelSetupMixin",
     "NonFiniteGradientError",
     "OptimizerAndSchedulerSetupMixin",
+    "PredictMixin",
     "SetupMixin",
 ]

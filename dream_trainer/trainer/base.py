@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dream_trainer.configs import TrainerConfig
+from dream_trainer.configs import BatchSizes, TrainerConfig
 from dream_trainer.trainer.batches import agreed_batches, set_epoch
 from dream_trainer.trainer.callback import Callback, CallbackCollection
 from dream_trainer.trainer.console_logging import ensure_console_logging
@@ -29,7 +29,7 @@ from dream_trainer.trainer.run_directory import (
 )
 from dream_trainer.trainer.stepping import GradientStepping
 from dream_trainer.trainer.throughput import RankWindow, StepClock
-from dream_trainer.world import DistributedWorld
+from dream_trainer.world import DistributedWorld, ModelSize
 from dream_trainer.world.process_groups import tag_compile_caches_with_groups
 from dream_trainer.world.progress import Phase, Progress
 from dream_trainer.world.watchdog import HangWatchdog
@@ -45,6 +45,8 @@ class BaseTrainer(GradientStepping, ForwardBackward):
     """
 
     config: TrainerConfig
+    serving_only: bool = False
+    """Set up for inference only (``serving()``): no dataloaders, optimizers or metric sinks."""
 
     def __init__(
         self,
@@ -54,7 +56,12 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         device: str | torch.device | None = None,
     ) -> None:
         self.config = config
-        self.world = DistributedWorld(config.device_parameters, device=device)
+        self.world = DistributedWorld(
+            config.device_parameters, device=device, model_size=self.measure_model_size
+        )
+        self.batch_sizes: BatchSizes | None = None
+        """Per device, data-parallel ranks, accumulation and global, resolved at launch from
+        ``training_parameters`` (see :meth:`resolve_batch_sizes`)."""
         self.callbacks = CallbackCollection(callbacks)
         self.callbacks.attach(self)
         self.global_step = 0
@@ -101,6 +108,20 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         ``None``, means batches have no token count: no token metrics are logged.
         """
         return None
+
+    def resolve_batch_sizes(self, dp_size: int) -> BatchSizes:
+        """The batch sizes on ``dp_size`` data-parallel ranks; default: from
+        ``training_parameters`` (``micro_batch_size``, ``global_batch_size``, accumulation).
+        Override to take the per-device size from a field of your own config."""
+        return self.config.training_parameters.batch_sizes(dp_size)
+
+    def measure_model_size(self) -> ModelSize:
+        """The models' size, for an automatic layout without a given ``parameter_count``."""
+        raise RuntimeError(
+            f"{type(self).__name__} cannot count its models' parameters for the automatic layout "
+            "(it has no configure_models); give them, e.g. "
+            "DeviceParameters.auto(parameter_count=8_000_000_000)"
+        )
 
     # Hooks for mixins (cooperative: call super() first)
 
@@ -201,6 +222,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             self.callbacks.pre_launch()
             self.world.launch()
             self._context_batches = ContextParallelBatches(self.world)
+            self._apply_batch_sizes()
             self._open_run_directory()
             self.callbacks.post_launch()
             torch.manual_seed(self.config.seed)
@@ -234,6 +256,19 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             self._teardown(abort=True)
             raise
         self._teardown(abort=False)
+
+    def _apply_batch_sizes(self) -> None:
+        sizes = self.batch_sizes = self.resolve_batch_sizes(self.world.dp_size)
+        training = self.config.training_parameters
+        if sizes.accumulation != training.gradient_accumulation_steps:
+            # Derived from the global batch; the loop reads it from the config. A copy, so the
+            # caller's config keeps what was given.
+            derived = training.model_copy(
+                update={"gradient_accumulation_steps": sizes.accumulation}
+            )
+            self.config = self.config.model_copy(update={"training_parameters": derived})
+        if sizes.per_device is not None and self.world.is_global_zero:
+            logger.info("%s", sizes.describe())
 
     def _teardown(self, abort: bool) -> None:
         watchdog, self._watchdog = self._watchdog, None

@@ -1,4 +1,5 @@
-"""Checks run after setup, so a run never trains silently unsharded or unsynchronized."""
+"""Checks run around setup, so a run never trains silently unsharded or unsynchronized, nor
+from models placed in a way the layout cannot take over."""
 
 from __future__ import annotations
 
@@ -17,6 +18,32 @@ _BASE_DIMS = {
     "dp_shard_cp": {"dp_shard", "cp"},
     "dp_cp": {"dp_replicate", "dp_shard", "cp"},
 }
+
+
+def check_one_device_per_model(models: dict[str, nn.Module], world_size: int) -> None:
+    """On more than one rank, no model arrives with its parameters spread over several devices.
+
+    That is the ``device_map="auto"`` habit (one process driving all of a node's GPUs), which
+    contradicts one device per rank. Parameters on meta are not placed yet and do not count.
+    """
+    if world_size <= 1:
+        return
+    for name, model in models.items():
+        counts: dict[str, int] = {}
+        for param in model.parameters():
+            if not param.is_meta:
+                counts[str(param.device)] = counts.get(str(param.device), 0) + 1
+        if len(counts) < 2:
+            continue
+        found = ", ".join(f"{device} ({n} parameters)" for device, n in sorted(counts.items()))
+        raise RuntimeError(
+            f"model {name!r} ({type(model).__name__}) has its parameters on {len(counts)} "
+            f'devices in this rank: {found}, as device_map="auto" places them; but this run '
+            f"has {world_size} ranks and gives each rank one device. Build the model on one "
+            "device, or leave it on meta (configure_models builds it there), and let the layout "
+            "place and shard it; to split a model too big for one device, use tensor_parallel "
+            "or pipeline_parallel instead of device_map"
+        )
 
 
 def check_materialized(models: dict[str, nn.Module]) -> None:

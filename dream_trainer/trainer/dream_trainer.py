@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from dream_trainer.configs import DreamTrainerConfig
-from dream_trainer.trainer.mixins import CheckpointMixin, EvalMetricMixin, LoggerMixin, SetupMixin
+from dream_trainer.trainer.mixins import (
+    CheckpointMixin,
+    EvalMetricMixin,
+    LoggerMixin,
+    PredictMixin,
+    SetupMixin,
+)
 
 
-class DreamTrainer(CheckpointMixin, LoggerMixin, EvalMetricMixin, SetupMixin):
-    """Subclass it, implement the ``configure_*`` hooks and ``training_step``, call ``fit()``."""
+class DreamTrainer(CheckpointMixin, LoggerMixin, EvalMetricMixin, PredictMixin, SetupMixin):
+    """Subclass it, implement the ``configure_*`` hooks and ``training_step``, call ``fit()``;
+    implement ``predict_step`` and call ``predict()`` for data-parallel batch inference."""
 
     config: DreamTrainerConfig  # type: ignore[assignment]

@@ -53,6 +53,8 @@ class StartupSummary:
     """Per model, ``(parameter names, placement)`` on this rank: which mesh dims shard or
     replicate each parameter; layer indices are shown as ``*`` (layers that differ list each
     placement, joined by ``|``)."""
+    serving: bool = False
+    """Set up for inference (``serving()``): no training data to describe."""
 
     @property
     def samples_per_step(self) -> int | None:
@@ -81,7 +83,11 @@ class StartupSummary:
             lines += [f"  {names:<{width}}  {where}" for names, where in shown]
             if len(rows) > len(shown):
                 lines.append(f"  ... {len(rows) - len(shown)} more")
-        lines.append(self._describe_data())
+        lines.append(
+            "set up for inference: no training data, optimizers or metric sinks"
+            if self.serving
+            else self._describe_data()
+        )
         return "\n".join(lines)
 
     def _describe_data(self) -> str:
@@ -224,6 +230,7 @@ def summarize(trainer: BaseTrainer) -> StartupSummary:
         dp_size=world.dp_size,
         accumulation=accum,
         steps_per_epoch=steps,
+        serving=trainer.serving_only,
     )
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shlex
 import sys
 import warnings
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -20,7 +22,16 @@ from torch.distributed.fsdp import (
 )
 
 from dream_trainer.configs import DeviceParameters
-from dream_trainer.world.environment import LaunchEnvironment
+from dream_trainer.world.auto_layout import (
+    LayoutChoice,
+    ModelSize,
+    check_ranks_agree,
+    choose_layout,
+    device_memory_bytes,
+    format_bytes,
+    model_size_from,
+)
+from dream_trainer.world.environment import LaunchEnvironment, visible_accelerators
 from dream_trainer.world.group_timeouts import set_group_timeout
 from dream_trainer.world.layout import FLATTENED_DIMS, MESH_DIMS, MeshLayout
 from dream_trainer.world.parent_watch import ParentWatch
@@ -107,7 +118,8 @@ class DistributedWorld:
     """Starts (or adopts) the process group and builds the ``pp, dp_replicate, dp_shard, cp, tp`` mesh.
 
     Construction has no side effects; :meth:`launch` does the work and :meth:`destroy` undoes it.
-    Use it as a context manager to do both.
+    Use it as a context manager to do both. For an automatic layout (``DeviceParameters.auto``)
+    ``model_size`` measures the models, unless the config gives their parameter count.
     """
 
     def __init__(
@@ -116,8 +128,14 @@ class DistributedWorld:
         *,
         device: str | torch.device | None = None,
         environment: LaunchEnvironment | None = None,
+        model_size: Callable[[], ModelSize] | None = None,
     ) -> None:
         self.device_parameters = device_parameters
+        self._given_parameters = device_parameters
+        self._model_size = model_size
+        self.layout_choice: LayoutChoice | None = None
+        """What the automatic layout chose at launch, and why (``None``: no automatic layout)."""
+        self._auto_memory = 0
         self._requested_device = device
         self._environment = environment
         self._owns_process_group = False
@@ -139,11 +157,10 @@ class DistributedWorld:
             return self
         env = self._environment or LaunchEnvironment.detect()
         self.environment = env
-        self.layout = MeshLayout.resolve(
-            self.device_parameters, env.world_size, ranks_per_node=env.local_world_size
-        )
         self.device = pick_device(env.local_rank, self._requested_device)
+        self.layout = self._resolve_layout(env)
         self._check_options()
+        self._warn_if_devices_sit_idle(env)
         if self.device.type != "cpu":
             torch.get_device_module(self.device.type).set_device(self.device)
 
@@ -160,6 +177,8 @@ class DistributedWorld:
         backend = dist.get_backend()
         # CPU objects (e.g. gathered Python objects) need a CPU-capable group beside NCCL.
         self.cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+        if self.layout_choice is not None and env.world_size > 1:
+            check_ranks_agree(self.layout_choice, self._auto_memory, self.cpu_group)
         clear_dtensor_caches()
         self._build_meshes()
         self._created_groups = [g for g in registered_groups() if g not in groups_before]
@@ -244,6 +263,31 @@ class DistributedWorld:
             if group not in self._groups_before_launch:
                 set_group_timeout(group, timeout)
 
+    def _resolve_layout(self, env: LaunchEnvironment) -> MeshLayout:
+        given = self._given_parameters
+        if given.auto_layout is None:
+            return MeshLayout.resolve(given, env.world_size, ranks_per_node=env.local_world_size)
+        # Measuring runs configure_models, which may read sizes (world.tp_size, pp_enabled):
+        # a provisional all-data-parallel layout answers them. No mesh exists yet.
+        self.layout = MeshLayout(dp_shard=env.world_size)
+        options = given.auto_layout
+        memory = options.device_memory or device_memory_bytes(self.device, env.local_world_size)
+        model = model_size_from(options, self._model_size)
+        choice = choose_layout(given, env.world_size, env.local_world_size, int(memory), model)
+        self.layout_choice, self._auto_memory = choice, int(memory)
+        self.device_parameters = choice.device_parameters
+        if env.rank == 0:
+            logger.info("%s", choice.describe())
+            if not choice.fits:
+                logger.warning(
+                    "the model may not fit this one device (estimate %s, budget %s): launch "
+                    "more ranks to shard it, or see the fixes in docs/parallelism.md "
+                    "(Automatic layout)",
+                    format_bytes(choice.per_device_bytes),
+                    format_bytes(choice.budget_bytes),
+                )
+        return MeshLayout.resolve(self.device_parameters, env.world_size)
+
     def _init_process_group(self, env: LaunchEnvironment) -> None:
         backend = backend_for(self.device)
         comm = self.device_parameters.comm
@@ -313,6 +357,32 @@ class DistributedWorld:
                     + "; ".join(problems)
                     + ". Set async_tensor_parallel=False, or use TP > 1 with compile_model=True on CUDA."
                 )
+
+    def _warn_if_devices_sit_idle(self, env: LaunchEnvironment) -> None:
+        # One process on a machine with several accelerators is usually a plain `python
+        # train.py` meant to use them all; a device passed explicitly says one is intended.
+        if env.world_size > 1 or self._requested_device is not None:
+            return
+        kind, count = visible_accelerators()
+        if count < 2:
+            return
+        is_script = bool(sys.argv) and sys.argv[0].endswith(".py")
+        command = shlex.join(sys.argv) if is_script else "SCRIPT [ARGS...]"
+        limit = " or make one visible (CUDA_VISIBLE_DEVICES=0)" if kind == "cuda" else ""
+        logger.warning(
+            "%d %s devices are visible but this run has 1 process, so it computes on %s alone. "
+            "Start one process per device with `dream-trainer run %s` (or `torchrun "
+            "--standalone --nproc_per_node=%d %s`); to use one device on purpose, pass it to "
+            'the trainer (DreamTrainer(config, device="%s:0"))%s.',
+            count,
+            kind,
+            self.device,
+            command,
+            count,
+            command,
+            kind,
+            limit,
+        )
 
     def _build_meshes(self) -> None:
         root = init_device_mesh(self.device_type, self.layout.shape, mesh_dim_names=MESH_DIMS)

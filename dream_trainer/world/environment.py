@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torch.distributed as dist
 
 LaunchSource = Literal["single", "torchrun", "slurm", "existing"]
@@ -31,7 +32,11 @@ class LaunchEnvironment:
 
     @classmethod
     def detect(cls, environ: Mapping[str, str] | None = None) -> LaunchEnvironment:
-        """Read the launcher's variables; an initialized process group wins over all of them."""
+        """Read the launcher's variables; an initialized process group wins over all of them.
+
+        ``RANK`` and ``WORLD_SIZE`` (> 1) without ``MASTER_ADDR`` or ``MASTER_PORT`` raise
+        RuntimeError naming the missing variables.
+        """
         env = os.environ if environ is None else environ
         local_rank = int(env.get("LOCAL_RANK", 0))
         if dist.is_available() and dist.is_initialized():
@@ -43,14 +48,26 @@ class LaunchEnvironment:
                 source="existing",
             )
         if "RANK" in env and "WORLD_SIZE" in env:
+            world_size = int(env["WORLD_SIZE"])
+            missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+            if missing and world_size > 1:
+                raise RuntimeError(_missing_master_message(env, missing))
+            if missing:  # a world of one reaches nobody: no address needed, none invented
+                return cls(
+                    rank=0,
+                    world_size=1,
+                    local_rank=local_rank,
+                    local_world_size=1,
+                    source="single",
+                )
             return cls(
                 rank=int(env["RANK"]),
-                world_size=int(env["WORLD_SIZE"]),
+                world_size=world_size,
                 local_rank=local_rank,
                 local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
                 source="torchrun",
-                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                master_port=int(env.get("MASTER_PORT", 29500)),
+                master_addr=env["MASTER_ADDR"],
+                master_port=int(env["MASTER_PORT"]),
                 supervised="TORCHELASTIC_RUN_ID" in env,
             )
         if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
@@ -65,6 +82,33 @@ class LaunchEnvironment:
                 master_port=int(env.get("MASTER_PORT", 0)) or _slurm_port(env),
             )
         return cls(rank=0, world_size=1, local_rank=0, local_world_size=1, source="single")
+
+
+def _missing_master_message(env: Mapping[str, str], missing: list[str]) -> str:
+    names = " and ".join(missing)
+    return (
+        f"RANK={env['RANK']} and WORLD_SIZE={env['WORLD_SIZE']} are set but {names} "
+        f"{'is' if len(missing) == 1 else 'are'} not, so this rank cannot find rank 0. Launch "
+        "with `dream-trainer run SCRIPT ...` (or torchrun), which sets all of them, or export "
+        f"{names} (the host and a free port of rank 0) on every rank"
+    )
+
+
+def visible_accelerators() -> tuple[str, int]:
+    """The accelerator type this process sees and how many: ``("cuda", 8)``, or ``("cpu", 0)``.
+
+    CUDA devices are counted with ``torch.cuda.device_count()``, which creates no CUDA context;
+    other accelerators through ``torch.accelerator``.
+    """
+    cuda_count = torch.cuda.device_count()
+    if cuda_count:
+        return "cuda", cuda_count
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        kind = accelerator.current_accelerator()
+        if kind is not None and kind.type != "cpu":
+            return kind.type, int(accelerator.device_count())
+    return "cpu", 0
 
 
 def first_slurm_host(nodelist: str) -> str:

@@ -14,9 +14,10 @@ from dream_trainer.world.environment import LaunchEnvironment
 
 @contextmanager
 def fake_world(
-    device_parameters: DeviceParameters, world_size: int, rank: int = 0
+    device_parameters: DeviceParameters, world_size: int, rank: int = 0, ranks_per_node: int = 1
 ) -> Iterator[DistributedWorld]:
-    """Launch ``device_parameters`` as rank ``rank`` of a fake ``world_size``-rank world.
+    """Launch ``device_parameters`` as rank ``rank`` of a fake ``world_size``-rank world with
+    ``ranks_per_node`` ranks on each node (``dp_shard="node"`` and the automatic layout read it).
 
     Collectives return immediately without moving data, so this checks meshes and placements,
     not numerics. Nothing else may hold a process group in this process meanwhile.
@@ -36,7 +37,7 @@ def fake_world(
         rank=rank,
         world_size=world_size,
         local_rank=0,
-        local_world_size=1,
+        local_world_size=ranks_per_node,
         source="existing",
     )
     world = DistributedWorld(device_parameters, device="cpu", environment=environment)

@@ -48,6 +48,12 @@ class MeshLayout:
         """
         if world_size < 1:
             raise ValueError(f"world size must be at least 1, got {world_size}")
+        if parameters.auto_layout is not None:
+            raise ValueError(
+                "these device parameters are an automatic layout (auto_layout is set): the world "
+                "chooses their degrees when it launches. To resolve them yourself, pass "
+                "dream_trainer.world.choose_layout(...).device_parameters instead"
+            )
         requested = {dim: getattr(parameters, field) for dim, field in _FIELD_OF_DIM.items()}
         if requested["dp_shard"] == "node":
             requested["dp_shard"] = _ranks_per_node_shard(requested, ranks_per_node or 1)

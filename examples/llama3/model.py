@@ -16,18 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from dream_trainer.parallel import (
     StyleConstructor,
     colwise_parallel,
     context_parallel_attention,
+    fill_blockwise_,
+    global_sequence_length,
     prepare_module_input,
     rowwise_parallel,
     sequence_parallel,
     sequence_positions,
 )
+from dream_trainer.parallel.sharded_init import Fill
 from examples.llama3.configs import LlamaArgs, RopeScaling
 
 _INIT_STD = 0.02
@@ -106,12 +109,13 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: torch.Tensor, document_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         bsz, seqlen = x.shape[0], x.shape[1]
-        positions = sequence_positions(seqlen, device=x.device)
-        if int(positions[-1]) >= rope.shape[0]:
+        length = global_sequence_length(seqlen)  # a host int: no device sync, no graph break
+        if length > rope.shape[0]:
             raise ValueError(
-                f"Sequence length {int(positions.max()) + 1} exceeds max_seq_len {rope.shape[0]}; "
+                f"Sequence length {length} exceeds max_seq_len {rope.shape[0]}; "
                 "raise max_seq_len in the model config or feed shorter sequences."
             )
+        positions = sequence_positions(seqlen, device=x.device)
         # -1 resolves to the local head count, so the same code runs with colwise-sharded wq/wk/wv.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
@@ -154,19 +158,25 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), rope, document_ids=document_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Truncated normal(0.02) inputs, depth-scaled std for the residual outputs, unit norms."""
+    def init_weights(self, seed: int) -> None:
+        """Truncated normal(0.02) inputs, depth-scaled std for the residual outputs, unit norms.
+
+        Layout-invariant (see :func:`~dream_trainer.parallel.fill_blockwise_`): each weight's
+        values come from ``seed`` and its name in the full model.
+        """
         out_std = _INIT_STD / math.sqrt(2 * self.n_layers)
-        for linear, std in (
-            (self.attention.wq, _INIT_STD),
-            (self.attention.wk, _INIT_STD),
-            (self.attention.wv, _INIT_STD),
-            (self.attention.wo, out_std),
-            (self.feed_forward.w1, _INIT_STD),
-            (self.feed_forward.w3, _INIT_STD),
-            (self.feed_forward.w2, out_std),
+        prefix = f"layers.{self.layer_id}"
+        for name, std in (
+            ("attention.wq", _INIT_STD),
+            ("attention.wk", _INIT_STD),
+            ("attention.wv", _INIT_STD),
+            ("attention.wo", out_std),
+            ("feed_forward.w1", _INIT_STD),
+            ("feed_forward.w3", _INIT_STD),
+            ("feed_forward.w2", out_std),
         ):
-            _trunc_normal(linear.weight, std, generator)
+            weight = self.get_submodule(name).weight
+            fill_blockwise_(weight, _trunc_normal(std), seed=seed, key=f"{prefix}.{name}.weight")
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
 
@@ -194,14 +204,12 @@ class TransformerBlock(nn.Module):
         }
 
 
-def _trunc_normal(t: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
-    nn.init.trunc_normal_(t, 0.0, std, -3 * std, 3 * std, generator=generator)
+def _trunc_normal(std: float) -> Fill:
+    return lambda t, g: nn.init.trunc_normal_(t, 0.0, std, -3 * std, 3 * std, generator=g)
 
 
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+def _normal(std: float) -> Fill:
+    return lambda t, g: nn.init.normal_(t, 0.0, std, generator=g)
 
 
 class Transformer(nn.Module):
@@ -288,37 +296,32 @@ class Transformer(nn.Module):
     def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
         """Initialize every parameter and the rope buffer, deterministically from the global RNG.
 
-        One base seed is drawn from torch's global RNG; each block and each end draws from its own
-        generator derived from it, so a pipeline stage gets the same values as the matching part
-        of the full model. Call on unsharded (plain-tensor) parameters, e.g. after ``to_empty``.
+        One base seed is drawn from torch's global RNG; every weight's values then follow from
+        it and the weight's name in the full model (:func:`~dream_trainer.parallel.fill_blockwise_`),
+        so a pipeline stage, an FSDP or tensor-parallel shard (DTensor parameters, initialized
+        in place, each rank generating only its own rows) and the unsharded model all get the
+        same values.
         """
-        sharded = [n for n, p in self.named_parameters() if isinstance(p, DTensor)]
-        if sharded:
-            # Each rank would draw the same values into its own shard: not the unsharded init.
-            raise RuntimeError(
-                f"init_weights needs unsharded parameters, but {sharded[0]} (and "
-                f"{len(sharded) - 1} more) are DTensors; initialize the full model after "
-                "to_empty and before fully_shard / tensor parallelism, then distribute it."
-            )
         base = int(torch.randint(0, 2**62, (1,)).item())
         device = self.rope.device if buffer_device is None else torch.device(buffer_device)
         self.rope = rope_table(self.args, device=device)
-        # Seed offsets: 0 = embedding, 1 = output, 2 + i = block i.
+        embedding = "tok_embeddings.weight"
         if self.tok_embeddings is not None:
-            weight = self.tok_embeddings.weight
-            nn.init.normal_(weight, 0.0, _INIT_STD, generator=_generator(weight.device, base))
-        for key, layer in self.layers.items():
+            fill_blockwise_(
+                self.tok_embeddings.weight, _normal(_INIT_STD), seed=base, key=embedding
+            )
+        for layer in self.layers.values():
             assert isinstance(layer, TransformerBlock)
-            layer.init_weights(_generator(layer.attention.wq.weight.device, base + 2 + int(key)))
+            layer.init_weights(base)
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.output is not None and not self.is_tied:
             weight = self.output.weight
-            if self.args.tie_embeddings:  # pipeline stage without the embedding: same init
-                nn.init.normal_(weight, 0.0, _INIT_STD, generator=_generator(weight.device, base))
+            if self.args.tie_embeddings:  # pipeline stage without the embedding: same values
+                fill_blockwise_(weight, _normal(_INIT_STD), seed=base, key=embedding)
             else:
                 std = self.args.dim**-0.5
-                _trunc_normal(weight, std, _generator(weight.device, base + 1))
+                fill_blockwise_(weight, _trunc_normal(std), seed=base, key="output.weight")
 
     def fully_shard(self, config: dict[str, Any]) -> None:
         """Shard embedding and norm+output as their own units (tied ends stay in the root)."""

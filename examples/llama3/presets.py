@@ -13,6 +13,10 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 PRESETS = ("debug", "1B", "3B", "8B", "70B", "405B")
 
+SHARDED_INIT_PRESETS = ("70B", "405B")
+"""Presets initialized shard by shard (``weight_init="sharded"``): a full fp32 copy per rank
+would take 280 GB (70B) or 1.6 TB (405B) of host memory."""
+
 
 def _on_gpu() -> bool:
     return torch.cuda.is_available()
@@ -50,6 +54,8 @@ def preset(name: str, config_class: type[ConfigT]) -> ConfigT:
         batch_size=4 if name == "1B" else 1,
         lr=3e-4,
         warmup_steps=100,
+        # The model's init is layout-invariant, so both give the same weights (see model.py).
+        weight_init="sharded" if name in SHARDED_INIT_PRESETS else "full",
         device_parameters=DeviceParameters.FSDP(compile_model=gpu, **precision),
         training_parameters=TrainingParameters(
             n_epochs=1,

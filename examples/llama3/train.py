@@ -21,10 +21,10 @@ if __package__ in (None, ""):  # run as a script: make `examples.llama3` importa
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationError, field_validator, model_validator
-from torch.distributed.tensor import DTensor
 
 from dream_trainer import DreamTrainer, DreamTrainerConfig
-from dream_trainer.configs import config_from_command_line
+from dream_trainer.configs import BatchSizes, config_from_command_line, resolve_batch_sizes
+from dream_trainer.launch import TransformerShape
 from dream_trainer.trainer import Callback
 from examples.llama3.configs import (
     MODEL_NAMES,
@@ -37,6 +37,7 @@ from examples.llama3.configs import (
 from examples.llama3.data import WithDocumentIds, build_dataloader, build_dataset
 from examples.llama3.model import Transformer, count_parameters
 from examples.llama3.presets import PRESETS, preset
+from examples.llama3.sampling import continue_ids
 from examples.llama3.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -49,7 +50,9 @@ class Llama3Config(DreamTrainerConfig):
     """Fields of LlamaArgs to change, e.g. {"n_layers": 2}."""
     seq_len: int = Field(default=256, ge=1)
     batch_size: int = Field(default=8, ge=1)
-    """Sequences per micro-batch on each data-parallel rank."""
+    """Sequences per micro-batch on each data-parallel rank. With
+    ``training_parameters.global_batch_size`` the gradient accumulation is derived:
+    global = batch_size x data-parallel ranks x accumulation."""
     lr: float = Field(default=3e-3, gt=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     warmup_steps: int = Field(default=10, ge=0)
@@ -78,6 +81,17 @@ class Llama3Config(DreamTrainerConfig):
     def _known_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
         check_model_overrides(overrides, reserved={"max_seq_len": "seq_len"})
         return overrides
+
+    @model_validator(mode="after")
+    def _one_per_rank_batch_size(self) -> Llama3Config:
+        micro = self.training_parameters.micro_batch_size
+        if micro is not None and micro != self.batch_size:
+            raise ValueError(
+                f"training_parameters.micro_batch_size={micro} and batch_size={self.batch_size} "
+                "both give the per-rank batch; this example takes it from batch_size, so drop "
+                "micro_batch_size"
+            )
+        return self
 
     @model_validator(mode="after")
     def _valid_model_shape(self) -> Llama3Config:
@@ -131,6 +145,30 @@ class Llama3Trainer(DreamTrainer):
 
     def init_weights(self) -> None:
         self.model.init_weights()
+
+    def transformer_shape(self) -> TransformerShape:
+        """The model's and batch's shape, for the activation estimate of `dream-trainer plan`."""
+        args = self.config.model_args()
+        return TransformerShape(
+            dim=args.dim,
+            ffn_dim=args.ffn_hidden_dim,
+            n_heads=args.n_heads,
+            n_kv_heads=args.n_kv_heads,
+            head_dim=args.head_dim,
+            vocab_size=args.vocab_size,
+            seq_len=self.config.seq_len,
+            batch_size=self.config.batch_size,
+        )
+
+    def resolve_batch_sizes(self, dp_size: int) -> BatchSizes:
+        """``batch_size`` per rank; with a global batch, the accumulation is derived from it."""
+        training = self.config.training_parameters
+        return resolve_batch_sizes(
+            dp_size,
+            self.config.batch_size,
+            training.global_batch_size,
+            training.gradient_accumulation_steps,
+        )
 
     def convert_imported_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hugging Face ``LlamaForCausalLM`` weights (``init_from`` a safetensors export) under
@@ -217,31 +255,18 @@ class Llama3Trainer(DreamTrainer):
         super().log_dict(metrics, step)
 
 
-@torch.no_grad()
 def generate(trainer: Llama3Trainer, prompt: str, max_new_tokens: int) -> str:
     """Sample a continuation on every rank (sharded forwards need all of them), seeded alike."""
-    model, tokenizer = trainer.model, trainer.tokenizer
-    model.eval()
-    generator = torch.Generator().manual_seed(trainer.config.seed)
-    ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
-    # Right-padding is invisible to causal attention; it keeps the length divisible for SP,
-    # and at the training length under pipeline parallelism (stages have fixed shapes).
-    multiple = trainer.world.tp_size
-    for _ in range(max_new_tokens):
-        window = ids[-trainer.config.seq_len :]
-        length = trainer.config.seq_len if trainer.world.pp_enabled else len(window)
-        padded = window + [0] * (length - len(window))
-        padded += [0] * (-len(padded) % multiple)
-        tokens = torch.tensor([padded], device=trainer.device)
-        logits = trainer.forward_outputs(model, tokens)
-        if isinstance(logits, DTensor):
-            logits = logits.full_tensor()
-        probs = torch.softmax(logits[0, len(window) - 1].float().cpu() / 0.8, dim=-1)
-        next_id = int(torch.multinomial(probs, 1, generator=generator))
-        if next_id == tokenizer.eos_id:
-            break
-        ids.append(next_id)
-    model.train()
+    tokenizer = trainer.tokenizer
+    trainer.model.eval()
+    ids = continue_ids(
+        trainer,
+        [tokenizer.bos_id, *tokenizer.encode(prompt)],
+        max_new_tokens,
+        generator=torch.Generator().manual_seed(trainer.config.seed),
+        eos_id=tokenizer.eos_id,
+    )
+    trainer.model.train()
     return tokenizer.decode(ids[1:])
 
 

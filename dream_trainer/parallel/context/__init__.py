@@ -5,6 +5,7 @@ from dream_trainer.parallel.context.layout import (
     ContextLayout,
     activated,
     active_layout,
+    global_sequence_length,
     sequence_positions,
 )
 from dream_trainer.parallel.context.sharding import shard_batch
@@ -14,6 +15,7 @@ __all__ = [
     "activated",
     "active_layout",
     "context_parallel_attention",
+    "global_sequence_length",
     "sequence_positions",
     "shard_batch",
 ]

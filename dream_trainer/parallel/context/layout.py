@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["ContextLayout", "activated", "active_layout", "sequence_positions"]
+__all__ = [
+    "ContextLayout",
+    "activated",
+    "active_layout",
+    "global_sequence_length",
+    "sequence_positions",
+]
 
 _ACTIVE: contextvars.ContextVar[ContextLayout | None] = contextvars.ContextVar(
     "dream_trainer_context_layout", default=None
@@ -100,3 +106,13 @@ def sequence_positions(local_length: int, device: Any = None) -> torch.Tensor:
     if layout is None:
         return torch.arange(local_length, device=device)
     return layout.positions(local_length, device)
+
+
+def global_sequence_length(local_length: int) -> int:
+    """The whole sequence's length from this rank's ``local_length`` (computed on the host, so
+    a model can check it against its position table without a device sync)."""
+    layout = active_layout()
+    if layout is None:
+        return local_length
+    chunks = len(layout.chunk_ids())
+    return local_length // chunks * layout.num_chunks

@@ -6,6 +6,7 @@ from dream_trainer.trainer.mixins.eval_metrics import EvalMetricMixin
 from dream_trainer.trainer.mixins.loggers import LoggerMixin
 from dream_trainer.trainer.mixins.models import ModelSetupMixin
 from dream_trainer.trainer.mixins.optimizers import OptimizerAndSchedulerSetupMixin
+from dream_trainer.trainer.mixins.predicting import PredictMixin
 from dream_trainer.trainer.mixins.setup import SetupMixin
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "LoggerMixin",
     "ModelSetupMixin",
     "OptimizerAndSchedulerSetupMixin",
+    "PredictMixin",
     "SetupMixin",
 ]

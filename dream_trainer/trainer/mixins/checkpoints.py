@@ -60,7 +60,7 @@ class CheckpointMixin(BaseTrainer):
         self._checkpointer = Checkpointer(self)
         if params.init_from:
             self.load_weights(params.init_from, strict=params.init_strict)
-        if not params.enable:
+        if not params.enable or self.serving_only:  # inference loads weights only
             return
         source = self._resume_source(params.resume)
         if source is not None:

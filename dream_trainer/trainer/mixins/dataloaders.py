@@ -75,6 +75,9 @@ class DataLoaderSetupMixin(BaseTrainer):
 
     def setup(self) -> None:
         super().setup()
+        if self.serving_only:  # inference brings its own items
+            self.train_dataloader, self.val_dataloader = None, None
+            return
         loaders = self.configure_dataloaders()
         if not (isinstance(loaders, tuple) and len(loaders) == 2):
             raise TypeError(
@@ -84,6 +87,19 @@ class DataLoaderSetupMixin(BaseTrainer):
         self.train_dataloader, self.val_dataloader = loaders
         for role, loader in (("train", self.train_dataloader), ("validation", self.val_dataloader)):
             self._check_sampler(role, loader)
+        self._check_batch_size(self.train_dataloader)
+
+    def _check_batch_size(self, loader: Any) -> None:
+        sizes = self.batch_sizes
+        batch_size = getattr(loader, "batch_size", None)
+        if sizes is None or sizes.per_device is None or batch_size is None:
+            return
+        if batch_size != sizes.per_device:
+            raise ValueError(
+                f"the train loader's batch_size is {batch_size}, but training_parameters resolve "
+                f"to {sizes.per_device} per device ({sizes.describe().removeprefix('batch sizes: ')}"
+                "); build the loader with batch_size=self.batch_sizes.per_device"
+            )
 
     def _check_sampler(self, role: str, loader: Any) -> None:
         sampler = getattr(loader, "sampler", None)

@@ -161,7 +161,7 @@ class LoggerMixin(BaseTrainer):
         params = self.config.logging_parameters
         # Saved in checkpoints; CheckpointMixin replaces it with the saved one when resuming.
         self.wandb_run_id: str | None = new_wandb_run_id() if "wandb" in params.backends else None
-        if not self.world.is_global_zero:
+        if not self.world.is_global_zero or self.serving_only:  # no training metrics to log
             return
         for backend in params.backends:
             if backend == "console":

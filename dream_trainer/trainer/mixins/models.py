@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
@@ -17,9 +18,11 @@ from dream_trainer.configs import ModelSetupConfigMixin, TrainerConfig
 from dream_trainer.parallel import FullyShard, ParallelPlan
 from dream_trainer.parallel import apply_fully_shard as apply_fully_shard_plan
 from dream_trainer.parallel import apply_tensor_parallel as apply_tensor_parallel_plan
+from dream_trainer.parallel.activation_checkpointing import checkpoint_blocks
 from dream_trainer.parallel.async_tp import enable_async_tensor_parallel
 from dream_trainer.parallel.blocks import declared_blocks
 from dream_trainer.parallel.compile import compile_module, guard_compiled_inputs
+from dream_trainer.parallel.float8 import check_float8_layout, convert_to_float8
 from dream_trainer.parallel.fully_shard import (
     ROOT_AWARE_RESHARD_DEFAULT,
     fully_shard,
@@ -38,11 +41,14 @@ from dream_trainer.trainer.base import BaseTrainer
 from dream_trainer.trainer.checks import (
     check_data_parallel_coverage,
     check_materialized,
+    check_one_device_per_model,
     check_tensor_parallel_applied,
 )
 from dream_trainer.trainer.mixins.meta_placement import MovesStayOnMeta
 from dream_trainer.trainer.mixins.model_aliases import aliases_into, drop_aliases, fsdp_replicate
 from dream_trainer.trainer.mixins.registry import assigned_during
+from dream_trainer.trainer.model_size import measure_configured_models
+from dream_trainer.world import ModelSize
 
 logger = logging.getLogger("dream_trainer.trainer")
 
@@ -64,8 +70,9 @@ class ModelSetupMixin(BaseTrainer):
     """Builds models on meta, applies the parallelism hooks in order, materializes, initializes.
 
     Order: ``configure_models`` (meta) -> ``apply_pipeline_parallel`` (split into this rank's
-    parts) -> then for each part: ``apply_tensor_parallel`` -> ``apply_context_parallel`` ->
-    ``apply_activation_checkpointing`` -> ``apply_compile`` -> ``apply_fully_shard`` (dp_shard x
+    parts) -> then for each part: ``apply_float8_training`` -> ``apply_tensor_parallel`` ->
+    ``apply_context_parallel`` -> ``apply_activation_checkpointing`` -> ``apply_compile`` ->
+    ``apply_fully_shard`` (dp_shard x
     cp > 1, or mixed precision / offload without replication) or ``apply_replicate``
     (dp_replicate > 1) -> materialize -> ``init_weights`` -> checks. Each hook runs only when its
     layout asks for it. While a hook runs for a part, ``self.<model>`` is that part, so hooks
@@ -149,9 +156,9 @@ class ModelSetupMixin(BaseTrainer):
         return stage_indices(config, self.world.pp_rank, self.world.pp_size)
 
     def apply_activation_checkpointing(self) -> None:
-        """Recompute each block's activations in backward; default: every declared block."""
-        from torch.distributed._composable import checkpoint
-
+        """Recompute blocks' activations in backward; default: the declared blocks, fully or
+        selectively, as ``activation_checkpoint_config`` says."""
+        config = self.config.device_parameters.activation_checkpoint_config
         for name, model in self.named_models().items():
             blocks = declared_blocks(model)
             if not blocks:
@@ -160,8 +167,17 @@ class ModelSetupMixin(BaseTrainer):
                     "keeps no blocks in an nn.ModuleList/ModuleDict attribute; override "
                     f"{type(self).__name__}.apply_activation_checkpointing"
                 )
-            for block in blocks:
-                checkpoint(block)
+            checkpoint_blocks(blocks, config.mode, config.every_n_blocks)
+
+    def apply_float8_training(self) -> None:
+        """Swap models' ``nn.Linear`` layers for torchao ``Float8Linear`` (``float8=True``).
+
+        Runs first, on the meta device, so tensor parallelism picks float8 styles and FSDP
+        can all-gather in float8. Default: every Linear not in ``float8_config.exclude_modules``.
+        """
+        config = self.config.device_parameters.float8_config
+        for model in self.named_models().values():
+            convert_to_float8(model, config)
 
     def apply_compile(self) -> None:
         """``torch.compile`` each declared block in place (or the whole model)."""
@@ -182,16 +198,29 @@ class ModelSetupMixin(BaseTrainer):
                 fully_shard(model, **config)
 
     def apply_replicate(self, dp_replicate_mesh: DeviceMesh) -> None:
-        """Replicate each model over ``dp_replicate_mesh`` (FSDP2-based, handles TP weights)."""
+        """Replicate each model over ``dp_replicate_mesh`` (FSDP2-based, handles TP weights).
+
+        A frozen model (no trainable parameter) is left as it is: it has no gradients to
+        synchronize, and materializing places it on the device like any model.
+        """
         replicate = fsdp_replicate()
         config = self.world.fsdp_config
         for model in self.named_models().values():
+            if not any(p.requires_grad for p in model.parameters()):
+                continue
             replicate(
                 model,
                 mesh=dp_replicate_mesh,
                 mp_policy=config["mp_policy"],
                 offload_policy=config["offload_policy"],
             )
+
+    def measure_model_size(self) -> ModelSize:
+        """Sizes the models for the automatic layout: runs ``configure_models`` on the meta
+        device (before any mesh exists; the world then reports tensor_parallel 1), counts, and
+        discards them."""
+        overrides_tp = type(self).apply_tensor_parallel is not ModelSetupMixin.apply_tensor_parallel
+        return measure_configured_models(self, self.configure_models, tensor_parallel=overrides_tp)
 
     # Machinery
 
@@ -225,6 +254,7 @@ class ModelSetupMixin(BaseTrainer):
 
     def setup(self) -> None:
         super().setup()
+        check_one_device_per_model(self.named_models(), self.world.world_size)
         self._split_into_parts()
         self._parallelize_parts()
         self._materialize_and_init()
@@ -286,6 +316,12 @@ class ModelSetupMixin(BaseTrainer):
 
     def _parallelize_current_parts(self) -> None:
         world, params = self.world, self.config.device_parameters
+        if params.float8:
+            tp_backend = (
+                dist.get_backend(world.get_mesh("tp").get_group()) if world.tp_enabled else None
+            )
+            check_float8_layout(params.float8_config, world.fsdp_enabled, tp_backend)
+            self.apply_float8_training()
         if world.tp_enabled:
             self.apply_tensor_parallel(world.get_mesh("tp"))
         if world.cp_enabled:

@@ -40,6 +40,9 @@ class OptimizerAndSchedulerSetupMixin(BaseTrainer):
 
     def setup(self) -> None:
         super().setup()
+        if self.serving_only:  # inference updates no weights
+            self._optimizer_names, self._scheduler_names = [], []
+            return
         with assigned_during(self, _is_optimizer) as optimizers:
             self.configure_optimizers()
         if not optimizers:

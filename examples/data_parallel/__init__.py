@@ -1,0 +1,1 @@
+"""Data-parallel demos: inference split over ranks, gradient sync, a transformer, throughput."""
