@@ -18,7 +18,6 @@ from dream_trainer.configs import DeviceParameters, TrainingParameters
 from dream_trainer.launch import plan_layout
 from dream_trainer.launch.activations import (
     ActivationSettings,
-    TransformerShape,
     estimate_activations,
 )
 from examples.llama3.configs import get_model_args
@@ -187,16 +186,7 @@ def test_bfloat16_estimate_matches_a_bfloat16_model(checkpoint: bool) -> None:
         logits = model(tokens)
         F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(0, 1)).backward()
     measured = tracker.peak_without(_storages(p.grad for p in params))
-    shape = TransformerShape(
-        dim=args.dim,
-        ffn_dim=args.ffn_hidden_dim,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads,
-        head_dim=args.head_dim,
-        vocab_size=args.vocab_size,
-        seq_len=SEQ,
-        batch_size=BATCH,
-    )
+    shape = args.transformer_shape(SEQ, BATCH)
     settings = ActivationSettings(
         compute_bytes=2, checkpoint=checkpoint, blocks_per_stage=args.n_layers
     )

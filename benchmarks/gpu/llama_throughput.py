@@ -140,20 +140,9 @@ class BenchTrainer(DreamTrainer):
 
     def transformer_shape(self) -> Any:
         """The shape the planner's activation estimate needs."""
-        from dream_trainer.launch import TransformerShape
-
         cfg = self.config
         args = Shape(cfg.model, cfg.seq_len, cfg.batch_size, tuple(cfg.overrides.items())).args()
-        return TransformerShape(
-            dim=args.dim,
-            ffn_dim=args.ffn_hidden_dim,
-            n_heads=args.n_heads,
-            n_kv_heads=args.n_kv_heads,
-            head_dim=args.head_dim,
-            vocab_size=args.vocab_size,
-            seq_len=cfg.seq_len,
-            batch_size=cfg.batch_size,
-        )
+        return args.transformer_shape(cfg.seq_len, cfg.batch_size)
 
     def configure_optimizers(self) -> None:
         fused = self.device.type == "cuda"

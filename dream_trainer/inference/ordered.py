@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import traceback
 from collections.abc import Callable, Sequence
@@ -115,7 +116,7 @@ def replicas_for(world: DistributedWorld | None, lockstep: bool | None) -> Repli
     else:
         replicas = Replicas.of_process_group()
     if lockstep is not None and lockstep != replicas.lockstep:
-        replicas = Replicas(**{**replicas.__dict__, "lockstep": lockstep})
+        replicas = dataclasses.replace(replicas, lockstep=lockstep)
     return replicas
 
 
@@ -245,14 +246,15 @@ def run_with_fallback(
     """
     assignment = split_indices(positions, replicas.count)
     if log_assignment:
-        _log_assignment(assignment, replicas)
+        total = sum(len(a) for a in assignment)
+        log_shares([len(a) for a in assignment], replicas, f"{total} items in all")
     outcome = run_assignment(call, items, assignment, replicas, batch_size, gather)
     failures = outcome.failures
     if failures and on_error != "raise":
         failed_replicas = {f.replica for f in failures}
         healthy = [r for r in range(replicas.count) if r not in failed_replicas]
         rerun = sorted({i for f in failures for i in f.indices})
-        if healthy and rerun and not any(not f.indices for f in failures):
+        if healthy and rerun and all(f.indices for f in failures):  # no failed padding batch
             targets = healthy if on_error == "rerun_on_remaining" else healthy[:1]
             if replicas.rank == 0:
                 logger.warning(
@@ -275,22 +277,20 @@ def run_with_fallback(
     return outcome, failures
 
 
-def _log_assignment(assignment: list[list[int]], replicas: Replicas) -> None:
+def log_shares(shares: list[int], replicas: Replicas, total: str) -> None:
+    """Rank 0 logs each replica's item count; a rank whose replica has none says so itself."""
     if replicas.rank == 0:
-        for replica, share in enumerate(assignment):
+        for replica, count in enumerate(shares):
             logger.info(
-                "assigned %d items to replica %d (%s)",
-                len(share),
-                replica,
-                replicas.describe(replica),
+                "assigned %d items to replica %d (%s)", count, replica, replicas.describe(replica)
             )
-    if not assignment[replicas.index]:
+    if shares[replicas.index] == 0:
         logger.info(
-            "rank %d has 0 items (replica %d of %d; %d items in all)",
+            "rank %d has 0 items (replica %d of %d; %s)",
             replicas.rank,
             replicas.index,
             replicas.count,
-            sum(len(a) for a in assignment),
+            total,
         )
 
 

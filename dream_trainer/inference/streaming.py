@@ -20,6 +20,7 @@ from dream_trainer.inference.ordered import (
     _failure_hint,
     agree_on_count,
     check_options,
+    log_shares,
     replicas_for,
     run_with_fallback,
 )
@@ -185,15 +186,4 @@ def _log_plan(
             skipped,
             len(windows),
         )
-        for replica, share in enumerate(shares):
-            logger.info(
-                "assigned %d items to replica %d (%s)", share, replica, replicas.describe(replica)
-            )
-    if shares[replicas.index] == 0:
-        logger.info(
-            "rank %d has 0 items (replica %d of %d; %d items to do)",
-            replicas.rank,
-            replicas.index,
-            replicas.count,
-            len(pending),
-        )
+    log_shares(shares, replicas, f"{len(pending)} items to do")

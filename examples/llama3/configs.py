@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from dream_trainer.launch import TransformerShape
 
 
 class RopeScaling(BaseModel):
@@ -78,6 +81,21 @@ class LlamaArgs(BaseModel):
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def transformer_shape(self, seq_len: int, batch_size: int) -> TransformerShape:
+        """The shape ``dream-trainer plan`` estimates activations from (a ``TransformerShape``)."""
+        from dream_trainer.launch import TransformerShape
+
+        return TransformerShape(
+            dim=self.dim,
+            ffn_dim=self.ffn_hidden_dim,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            vocab_size=self.vocab_size,
+            seq_len=seq_len,
+            batch_size=batch_size,
+        )
 
 
 _SCALING_3_1 = RopeScaling(scale_factor=8.0)

@@ -148,16 +148,8 @@ class Llama3Trainer(DreamTrainer):
 
     def transformer_shape(self) -> TransformerShape:
         """The model's and batch's shape, for the activation estimate of `dream-trainer plan`."""
-        args = self.config.model_args()
-        return TransformerShape(
-            dim=args.dim,
-            ffn_dim=args.ffn_hidden_dim,
-            n_heads=args.n_heads,
-            n_kv_heads=args.n_kv_heads,
-            head_dim=args.head_dim,
-            vocab_size=args.vocab_size,
-            seq_len=self.config.seq_len,
-            batch_size=self.config.batch_size,
+        return self.config.model_args().transformer_shape(
+            self.config.seq_len, self.config.batch_size
         )
 
     def resolve_batch_sizes(self, dp_size: int) -> BatchSizes:

@@ -73,8 +73,6 @@ class PredictMixin(BaseTrainer):
             self.serving_only = False
 
     def _predict_call(self) -> Callable[[list[Any]], Sequence[Any]]:
-        self._check_predict_step()
-
         def call(batch: list[Any]) -> Sequence[Any]:
             with torch.no_grad():
                 return self.predict_step(batch)
