@@ -8,21 +8,27 @@ AdamW, 2 micro-batches per optimizer step, gradient clipping and the same parall
 ``DeviceParameters.DDP()`` applies); ``fsdp``: 2 ranks, ``fully_shard`` per block, then the root.
 Gradient sync is off on the first micro-batch of each step (``set_requires_gradient_sync``).
 
-Timing. A *window* builds a fresh model and optimizer, runs ``warmup`` untimed steps, then
-``steps`` timed ones. The trainer runs through its real ``fit()``; a callback stamps the clock at
-``post_optimizer_zero_grad``, and the hand loop stamps the same point after its ``zero_grad``. A
-window's time per step is (last stamp - stamp at the end of warmup) / steps: whole steps,
-boundary to boundary (data loading, forward, backward, clipping, optimizer, the trainer's
-bookkeeping and callbacks), without setup or teardown. Windows alternate trainer/hand, the order
-flipped every round (AB BA AB ...) so that drift of a shared machine hits both alike, after one
-untimed round whose losses must match between the loops. With 2 ranks a window counts the
-slower rank's wall time and the CPU time of both. Reported: the median window of each loop and
-their ratio; each round's ratio (min-max, the noise); fastest window / fastest window; and the
-CPU-time ratio, which other processes on the machine disturb less than wall time.
+Timing: the two loops alternate step by step. The trainer runs its real ``fit()``; a callback
+at ``post_optimizer_zero_grad`` (the end of each of its optimizer steps) runs one optimizer
+step of the hand loop, then hands control back. So every trainer step is followed by a hand
+step, milliseconds apart, and whatever else the machine does slows both alike. A trainer step
+is the time from the end of the previous hand step to its own ``post_optimizer_zero_grad``:
+data loading, forward, backward, clipping, optimizer, the trainer's bookkeeping, callbacks and
+its metric all-reduce every ``log_every_n_steps`` = 10; a hand step is timed around its call.
+Both wall time and CPU time (this process, all threads) are read.
 
-Kept on purpose, because users pay for them: the trainer's host sync every step (its non-finite
-gradient-norm check) and its metric all-reduce every ``log_every_n_steps`` = 10 (with no logging
-backend). The hand loop reads ``loss.item()`` every 10 steps, as a loop that prints its loss does.
+A window is one ``fit()`` with a fresh model and optimizer on both sides: ``warmup`` untimed
+steps, then ``steps`` timed ones, cut into blocks of 10 consecutive steps (each holds one
+trainer log step and one hand ``loss.item()``). With 2 ranks a block counts the slower rank's
+wall time and the CPU time of both. Reported, pooled over ``rounds`` windows: median trainer
+block / median hand block (wall and CPU), the 10th-90th percentile of per-block ratios (the
+noise), and, with ``--control`` (the default), the same measurement with the hand loop against
+a second copy of itself: what a ratio measured this way reads when there is no difference.
+The first window's per-micro-batch losses are compared between the loops (same work).
+
+Kept on purpose, because users pay for them: the trainer's host sync every step on the CPU (its
+non-finite gradient-norm check) and its metric all-reduce every 10 steps (no logging backend).
+The hand loop reads ``loss.item()`` every 10 steps, as a loop that prints its loss does.
 """
 
 from __future__ import annotations
@@ -63,10 +69,7 @@ LR = 1e-3
 CLIP = 1.0
 ACCUM = 2
 LOG_EVERY = 10
-TARGET = 1.02  # trainer/hand step-time ratio the trainer should stay under
-
-Window = tuple[tuple[float, float], list[float]]
-"""((wall, CPU) seconds per timed step, every micro-batch's loss) of one window."""
+TARGET = 1.01  # trainer/hand step-time ratio the trainer should stay under
 
 
 @dataclass(frozen=True)
@@ -177,34 +180,25 @@ class BenchTrainer(DreamTrainer):
         return {"loss": loss}
 
 
-class StepClock(Callback[DreamTrainer]):
-    """Stamps the end of every optimizer step and keeps each micro-batch's loss tensor."""
+class Interleave(Callback[DreamTrainer]):
+    """Runs one hand-loop step after every trainer optimizer step and times both sides."""
 
-    def __init__(self) -> None:
-        self.stamps: list[tuple[float, float]] = []
+    def __init__(self, hand: HandLoop) -> None:
+        self.hand = hand
+        self.trainer_steps: list[Stamp] = []
+        self.hand_steps: list[Stamp] = []
         self.losses: list[torch.Tensor] = []
+        self._resumed: Stamp | None = None  # when the trainer got control back
 
     def post_train_step(self, result: dict[str, Any], batch_idx: int) -> None:
         self.losses.append(result["loss"].detach())
 
     def post_optimizer_zero_grad(self, optimizer: Any) -> None:
-        self.stamps.append(stamp())
-
-
-def trainer_window(layout: str, sizes: Sizes, warmup: int, steps: int) -> Window:
-    """Train with ``DreamTrainer.fit()``; return time per timed step and micro-batch losses."""
-    config = BenchConfig(
-        seed=SEED,
-        sizes=sizes,
-        device_parameters=PRESETS[layout](),
-        training_parameters=TrainingParameters(
-            max_steps=warmup + steps, gradient_accumulation_steps=ACCUM, gradient_clip_val=CLIP
-        ),
-        logging_parameters=LoggingParameters(log_every_n_steps=LOG_EVERY, backends=[]),
-    )
-    clock = StepClock()
-    BenchTrainer(config, callbacks=[clock]).fit()
-    return per_step(clock.stamps, warmup, steps), [float(x) for x in clock.losses]
+        done = stamp()
+        if self._resumed is not None:
+            self.trainer_steps.append(elapsed(self._resumed, done))
+        self.hand_steps.append(timed(self.hand.step))
+        self._resumed = stamp()
 
 
 # The hand-written side
@@ -228,128 +222,233 @@ def build_hand_model(layout: str, sizes: Sizes, mesh: Any) -> nn.Module:
     return model
 
 
-def hand_window(layout: str, sizes: Sizes, warmup: int, steps: int, mesh: Any) -> Window:
-    """The minimal loop; same return value as :func:`trainer_window`."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if mesh is not None else (0, 1)
-    model = build_hand_model(layout, sizes, mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    loader = make_loader(sizes, warmup + steps, rank, world_size)
-    assert isinstance(loader.sampler, DistributedSampler)
-    loader.sampler.set_epoch(0)
-    sync_controlled = layout != "single"
-    stamps: list[tuple[float, float]] = []
-    losses: list[torch.Tensor] = []
-    model.train()
-    for index, batch in enumerate(loader):
-        last = (index + 1) % ACCUM == 0
-        if sync_controlled:
-            model.set_requires_gradient_sync(last)  # type: ignore[operator]
-        loss = compute_loss(model, batch)
-        (loss / ACCUM).backward()
-        losses.append(loss.detach())
-        if last:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if len(stamps) % LOG_EVERY == LOG_EVERY - 1:
-                loss.item()
-            stamps.append(stamp())
-    return per_step(stamps, warmup, steps), [float(x) for x in losses]
+class HandLoop:
+    """The minimal loop, one optimizer step per :meth:`step` call."""
+
+    def __init__(self, layout: str, sizes: Sizes, total_steps: int, mesh: Any) -> None:
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if mesh is not None else (0, 1)
+        self.model = build_hand_model(layout, sizes, mesh)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
+        loader = make_loader(sizes, total_steps, rank, world_size)
+        assert isinstance(loader.sampler, DistributedSampler)
+        loader.sampler.set_epoch(0)
+        self.batches = iter(loader)
+        self.sync_controlled = layout != "single"
+        self.steps = 0
+        self.losses: list[torch.Tensor] = []
+
+    def step(self) -> None:
+        model = self.model
+        for micro in range(ACCUM):
+            if self.sync_controlled:
+                model.set_requires_gradient_sync(micro == ACCUM - 1)  # type: ignore[operator]
+            loss = compute_loss(model, next(self.batches))
+            (loss / ACCUM).backward()
+            self.losses.append(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.steps % LOG_EVERY == LOG_EVERY - 1:
+            loss.item()
+        self.steps += 1
 
 
 # Measuring
 
+Stamp = tuple[float, float]
+"""(wall, CPU) seconds: a clock reading, or the time between two."""
 
-def stamp() -> tuple[float, float]:
+
+def stamp() -> Stamp:
     """Wall-clock time and this process's CPU time (all its threads)."""
     return time.perf_counter(), time.process_time()
 
 
-def per_step(stamps: list[tuple[float, float]], warmup: int, steps: int) -> tuple[float, float]:
-    """Wall and CPU seconds per step over the timed steps."""
-    if len(stamps) != warmup + steps:
-        raise RuntimeError(f"expected {warmup + steps} optimizer steps, saw {len(stamps)}")
-    (wall0, cpu0), (wall1, cpu1) = stamps[warmup - 1], stamps[-1]
-    return (wall1 - wall0) / steps, (cpu1 - cpu0) / steps
+def elapsed(start: Stamp, end: Stamp) -> Stamp:
+    return end[0] - start[0], end[1] - start[1]
 
 
-def across_ranks(wall: float, cpu: float) -> tuple[float, float]:
-    """The slowest rank's wall time (the job waits for it) and the CPU time of all ranks."""
+def timed(fn: Callable[[], None]) -> Stamp:
+    start = stamp()
+    fn()
+    return elapsed(start, stamp())
+
+
+@dataclass
+class Window:
+    """One window's timed steps of both sides, and every micro-batch loss (trainer vs hand)."""
+
+    first: list[Stamp]  # the trainer's steps (the first hand loop's in the control)
+    second: list[Stamp]  # the hand loop's steps
+    losses: tuple[list[float], list[float]]
+
+
+def trainer_config(layout: str, sizes: Sizes, total_steps: int) -> BenchConfig:
+    return BenchConfig(
+        seed=SEED,
+        sizes=sizes,
+        device_parameters=PRESETS[layout](),
+        training_parameters=TrainingParameters(
+            max_steps=total_steps, gradient_accumulation_steps=ACCUM, gradient_clip_val=CLIP
+        ),
+        logging_parameters=LoggingParameters(log_every_n_steps=LOG_EVERY, backends=[]),
+    )
+
+
+def trainer_vs_hand(layout: str, sizes: Sizes, warmup: int, steps: int, mesh: Any) -> Window:
+    """``fit()`` with a hand step after each of its steps; ``warmup`` pairs are dropped."""
+    total = warmup + steps + 1  # the trainer's first step has no start stamp
+    hand = HandLoop(layout, sizes, total, mesh)
+    clock = Interleave(hand)
+    BenchTrainer(trainer_config(layout, sizes, total), callbacks=[clock]).fit()
+    # trainer_steps[i] is step i + 2; the hand step run right after it is hand_steps[i + 1].
+    first, second = clock.trainer_steps[warmup:], clock.hand_steps[warmup + 1 :]
+    losses = ([float(x) for x in clock.losses], [float(x) for x in hand.losses])
+    return Window(first, second, losses)
+
+
+def hand_vs_hand(layout: str, sizes: Sizes, warmup: int, steps: int, mesh: Any) -> Window:
+    """The control: two copies of the hand loop alternating step by step, timed alike."""
+    total = warmup + steps
+    one, two = HandLoop(layout, sizes, total, mesh), HandLoop(layout, sizes, total, mesh)
+    first, second = [], []
+    for _ in range(total):
+        first.append(timed(one.step))
+        second.append(timed(two.step))
+    losses = ([float(x) for x in one.losses], [float(x) for x in two.losses])
+    return Window(first[warmup:], second[warmup:], losses)
+
+
+def blocks(steps: list[Stamp]) -> list[Stamp]:
+    """Sums over consecutive runs of LOG_EVERY steps (a partial last run is dropped)."""
+    out = []
+    for start in range(0, len(steps) - LOG_EVERY + 1, LOG_EVERY):
+        chunk = steps[start : start + LOG_EVERY]
+        out.append((sum(w for w, _ in chunk), sum(c for _, c in chunk)))
+    return out
+
+
+def across_ranks(block_times: list[Stamp]) -> list[Stamp]:
+    """Per block: the slowest rank's wall time (the job waits for it), all ranks' CPU time."""
     if not dist.is_initialized():
-        return wall, cpu
-    walls, cpus = torch.tensor([wall]), torch.tensor([cpu])
+        return block_times
+    walls = torch.tensor([w for w, _ in block_times], dtype=torch.float64)
+    cpus = torch.tensor([c for _, c in block_times], dtype=torch.float64)
     dist.all_reduce(walls, op=dist.ReduceOp.MAX)
     dist.all_reduce(cpus)
-    return walls.item(), cpus.item()
+    return list(zip(walls.tolist(), cpus.tolist()))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+@dataclass
+class Comparison:
+    """Blocks of both sides, pooled over windows: ((wall, CPU) seconds per block) per side."""
+
+    first: list[Stamp]
+    second: list[Stamp]
+
+    def ratio(self, which: int = 0) -> float:
+        """Median first block / median second block; ``which`` 0 = wall, 1 = CPU time."""
+        a = statistics.median(b[which] for b in self.first)
+        return a / statistics.median(b[which] for b in self.second)
+
+    def spread(self) -> tuple[float, float]:
+        """10th and 90th percentile of the per-block wall-time ratios."""
+        paired = [a[0] / b[0] for a, b in zip(self.first, self.second)]
+        return percentile(paired, 0.1), percentile(paired, 0.9)
+
+    def ms_per_step(self, side: list[Stamp]) -> float:
+        return statistics.median(b[0] for b in side) / LOG_EVERY * 1e3
+
+
+def compare(
+    pair: Callable[[], Window], rounds: int
+) -> tuple[Comparison, tuple[list[float], list[float]]]:
+    """``rounds`` windows of ``pair``; the blocks of all of them and the first one's losses."""
+    comparison = Comparison([], [])
+    losses: tuple[list[float], list[float]] = ([], [])
+    for index in range(rounds):
+        gc.collect()
+        if dist.is_initialized():
+            dist.barrier()
+        window = pair()
+        if index == 0:
+            losses = window.losses
+        comparison.first.extend(across_ranks(blocks(window.first)))
+        comparison.second.extend(across_ranks(blocks(window.second)))
+    return comparison, losses
 
 
 @dataclass
 class Result:
-    """Per-window seconds per step of both loops, in round order."""
+    """One layout's trainer/hand comparison, its control and the loss check."""
 
     layout: str
     threads: int
-    wall: dict[str, list[float]]  # "trainer"/"hand" -> one value per timed window
-    cpu: dict[str, list[float]]
-    loss_diff: float  # max |trainer - hand| over the untimed round's micro-batch losses
+    main: Comparison
+    control: Comparison | None
+    loss_diff: float  # max |trainer - hand| over the first window's micro-batch losses
 
     @property
     def ratio(self) -> float:
-        """Median trainer window / median hand window (wall time)."""
-        return statistics.median(self.wall["trainer"]) / statistics.median(self.wall["hand"])
+        return self.main.ratio()
 
     def row(self) -> str:
-        t, h = (statistics.median(self.wall[side]) for side in ("trainer", "hand"))
-        best = min(self.wall["trainer"]) / min(self.wall["hand"])
-        paired = [a / b for a, b in zip(self.wall["trainer"], self.wall["hand"])]
-        cpu = statistics.median(self.cpu["trainer"]) / statistics.median(self.cpu["hand"])
+        low, high = self.main.spread()
+        control = f"{self.control.ratio():.3f}" if self.control is not None else "-"
         return (
-            f"| {self.layout:<6} | {self.threads:>7} | {t * 1e3:>10.1f} | {h * 1e3:>7.1f} "
-            f"| {self.ratio:>5.3f} | {min(paired):.3f}-{max(paired):.3f} | {best:>10.3f} "
-            f"| {cpu:>9.3f} | {len(paired):>6} |"
+            f"| {self.layout:<6} | {self.threads:>7} | {self.main.ms_per_step(self.main.first):>10.2f} "
+            f"| {self.main.ms_per_step(self.main.second):>7.2f} | {self.ratio:>5.3f} "
+            f"| {self.main.ratio(1):>9.3f} | {low:.3f}-{high:.3f} | {control:>9} "
+            f"| {len(self.main.first):>6} |"
         )
 
 
 HEADER = (
-    "| layout | threads | trainer ms | hand ms | ratio | round ratios | best ratio | cpu ratio "
-    "| rounds |\n|--------|---------|------------|---------|-------|--------------|------------"
+    "| layout | threads | trainer ms | hand ms | ratio | cpu ratio | block ratios | A/A ratio "
+    "| blocks |\n|--------|---------|------------|---------|-------|-----------|--------------"
     "|-----------|--------|"
 )
 LEGEND = """\
-ms: median over windows of wall time per optimizer step; ratio: trainer ms / hand ms
-round ratios: min-max of each round's trainer/hand; best ratio: fastest trainer window /
-fastest hand window; cpu ratio: like ratio, with the CPU time of all ranks"""
+ms: median block of 10 optimizer steps, per step (wall time); ratio: trainer / hand of those
+medians; cpu ratio: the same with the CPU time of all ranks; block ratios: 10th-90th
+percentile of each block's trainer/hand (the noise); A/A ratio: the hand loop against a copy
+of itself, measured the same way (what "no difference" reads as on this machine)"""
 
 
 def measure(
-    layout: str, sizes: Sizes, rounds: int, warmup: int, steps: int, mesh: Any = None
+    layout: str,
+    sizes: Sizes,
+    rounds: int,
+    warmup: int,
+    steps: int,
+    mesh: Any = None,
+    control: bool = True,
 ) -> Result:
-    """One untimed round, then ``rounds`` rounds of a trainer and a hand window, order flipped
-    every round."""
-    if warmup < 1 or steps < 1:
-        raise ValueError(f"warmup and steps must be >= 1, got warmup={warmup}, steps={steps}")
-    sides: dict[str, Callable[[], Window]] = {
-        "trainer": lambda: trainer_window(layout, sizes, warmup, steps),
-        "hand": lambda: hand_window(layout, sizes, warmup, steps, mesh),
-    }
-    wall: dict[str, list[float]] = {"trainer": [], "hand": []}
-    cpu: dict[str, list[float]] = {"trainer": [], "hand": []}
-    losses: dict[str, list[float]] = {}
-    for round_index in range(rounds + 1):
-        order = ["trainer", "hand"] if round_index % 2 == 0 else ["hand", "trainer"]
-        for side in order:
-            gc.collect()
-            if dist.is_initialized():
-                dist.barrier()
-            (wall_s, cpu_s), trajectory = sides[side]()
-            wall_s, cpu_s = across_ranks(wall_s, cpu_s)
-            if round_index == 0:
-                losses[side] = trajectory
-            else:
-                wall[side].append(wall_s)
-                cpu[side].append(cpu_s)
-    diff = max(abs(a - b) for a, b in zip(losses["trainer"], losses["hand"]))
-    return Result(layout, torch.get_num_threads(), wall, cpu, diff)
+    """``rounds`` interleaved trainer/hand windows (and as many hand/hand ones as control)."""
+    if warmup < 1 or steps < LOG_EVERY or rounds < 1:
+        raise ValueError(
+            f"need warmup >= 1, steps >= {LOG_EVERY} (one block) and rounds >= 1, got "
+            f"warmup={warmup}, steps={steps}, rounds={rounds}"
+        )
+    main, (trainer_losses, hand_losses) = compare(
+        lambda: trainer_vs_hand(layout, sizes, warmup, steps, mesh), rounds
+    )
+    if len(trainer_losses) != len(hand_losses):
+        raise RuntimeError(
+            f"the trainer ran {len(trainer_losses)} micro-batches, the hand loop "
+            f"{len(hand_losses)}: the loops did not take the same steps"
+        )
+    checked = None
+    if control:
+        checked, _ = compare(lambda: hand_vs_hand(layout, sizes, warmup, steps, mesh), rounds)
+    diff = max(abs(a - b) for a, b in zip(trainer_losses, hand_losses))
+    return Result(layout, torch.get_num_threads(), main, checked, diff)
 
 
 def _rank_main(rank: int, layout: str, port: int, args: argparse.Namespace, out: Any) -> None:
@@ -359,7 +458,9 @@ def _rank_main(rank: int, layout: str, port: int, args: argparse.Namespace, out:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         mesh = init_device_mesh("cpu", (2,))
-        result = measure(layout, sizes_from(args), args.rounds, args.warmup, args.steps, mesh)
+        result = measure(
+            layout, sizes_from(args), args.rounds, args.warmup, args.steps, mesh, args.control
+        )
         if rank == 0:
             out.put(result)
     finally:
@@ -391,9 +492,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layout", choices=[*LAYOUTS, "all"], default="all")
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="single layout only")
-    parser.add_argument("--rounds", type=int, default=6, help="timed rounds (trainer+hand each)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per window")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per window")
+    parser.add_argument("--rounds", type=int, default=12, help="windows (fresh fit) per side")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per window")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per window")
+    parser.add_argument(
+        "--control",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the hand loop against a copy of itself (the A/A ratio)",
+    )
     defaults = Sizes()
     for field in ("vocab", "dim", "layers", "heads", "seq", "batch"):
         parser.add_argument(f"--{field}", type=int, default=getattr(defaults, field))
@@ -408,7 +515,13 @@ def run(args: argparse.Namespace) -> Iterator[Result]:
             continue
         for threads in args.threads:
             torch.set_num_threads(threads)
-            yield measure(layout, sizes_from(args), args.rounds, args.warmup, args.steps)
+            yield measure(
+                layout, sizes_from(args), args.rounds, args.warmup, args.steps, None, args.control
+            )
+
+
+def load_average() -> str:
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -416,7 +529,8 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs; {sizes_from(args)}; accumulation "
-        f"{ACCUM}; windows of {args.warmup} untimed + {args.steps} timed steps",
+        f"{ACCUM}; {args.rounds} windows of {args.warmup} untimed + {args.steps} timed steps; "
+        f"load average {load_average()}",
         flush=True,
     )
     print(LEGEND, HEADER, sep="\n", flush=True)
@@ -429,6 +543,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{result.layout} ({result.threads} thread/rank): ratio {result.ratio:.3f} {verdict} "
             f"the {TARGET} target; loss trajectories {same} (max diff {result.loss_diff:.1e})"
         )
+    notes.append(f"load average at the end {load_average()}")
     print("\n".join(notes), flush=True)
 
 

@@ -26,33 +26,46 @@ TINY_ARGS = ["--vocab", "32", "--dim", "16", "--layers", "2", "--heads", "2", "-
 
 def test_single_layout_prints_a_ratio_row(capsys: pytest.CaptureFixture[str]) -> None:
     overhead.main(
-        ["--layout", "single", "--rounds", "2", "--warmup", "1", "--steps", "2", *TINY_ARGS]
+        ["--layout", "single", "--rounds", "2", "--warmup", "1", "--steps", "10", *TINY_ARGS]
     )
     out = capsys.readouterr().out
     row = re.search(r"^\| single \|\s+1 \|.*$", out, re.MULTILINE)
     assert row is not None, out
     cells = [c.strip() for c in row.group(0).strip("|").split("|")]
-    trainer_ms, hand_ms, ratio = (float(c) for c in cells[2:5])
-    assert trainer_ms > 0 and hand_ms > 0 and ratio > 0
+    trainer_ms, hand_ms, ratio, cpu_ratio = (float(c) for c in cells[2:6])
+    assert trainer_ms > 0 and hand_ms > 0 and ratio > 0 and cpu_ratio > 0
+    assert float(cells[7]) > 0  # the A/A control ran
+    assert cells[8] == "2"  # one block of 10 steps per window
     assert re.search(
         r"^single \(1 thread/rank\): ratio [\d.]+ .* loss trajectories match", out, re.M
     )
 
 
-def test_both_loops_follow_the_same_loss_trajectory() -> None:
-    _, trainer_losses = overhead.trainer_window("single", TINY, warmup=1, steps=3)
-    _, hand_losses = overhead.hand_window("single", TINY, warmup=1, steps=3, mesh=None)
-    assert len(trainer_losses) == len(hand_losses) == 4 * overhead.ACCUM
+def test_interleaved_loops_follow_the_same_loss_trajectory() -> None:
+    window = overhead.trainer_vs_hand("single", TINY, warmup=1, steps=3, mesh=None)
+    trainer_losses, hand_losses = window.losses
+    assert len(trainer_losses) == len(hand_losses) == 5 * overhead.ACCUM
     # Weights change after every step, so equal losses on later micro-batches mean equal updates.
     assert trainer_losses == pytest.approx(hand_losses, rel=1e-5)
     assert trainer_losses[0] != pytest.approx(trainer_losses[-1], rel=1e-3)
+    # Three timed steps per side, each a positive (wall, CPU) time.
+    assert len(window.first) == len(window.second) == 3
+    assert all(wall > 0 for wall, _ in window.first + window.second)
+
+
+def test_control_times_two_identical_hand_loops() -> None:
+    window = overhead.hand_vs_hand("single", TINY, warmup=1, steps=12, mesh=None)
+    assert window.losses[0] == window.losses[1]
+    assert len(window.first) == len(window.second) == 12
+    assert len(overhead.blocks(window.first)) == 1  # 12 steps: one block of 10, 2 left over
 
 
 def loss_gap_on_ranks(layout: str) -> float:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2,))
-    return overhead.measure(layout, TINY, rounds=0, warmup=1, steps=3, mesh=mesh).loss_diff
+    result = overhead.measure(layout, TINY, rounds=1, warmup=1, steps=10, mesh=mesh, control=False)
+    return result.loss_diff
 
 
 @pytest.mark.multirank

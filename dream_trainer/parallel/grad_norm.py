@@ -1,4 +1,9 @@
-"""Total gradient norm over parameters spread across DTensor meshes, and clipping by it."""
+"""Total gradient norm over parameters spread across DTensor meshes, and clipping by it.
+
+Both run on every optimizer step, so they avoid per-parameter Python work: a DTensor's local
+shard is read directly (``to_local()`` runs an autograd function per call), gradients are
+grouped once per call, and each group costs one ``_foreach_norm`` and a handful of ops.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,40 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
+_GroupKey = tuple[DeviceMesh | None, tuple[int, ...], torch.device]
+
 
 def _sharded_dims(tensor: DTensor) -> tuple[int, ...]:
     # Dims where ranks hold different pieces; Replicate dims hold copies and must be counted once.
     return tuple(i for i, p in enumerate(tensor.placements) if not isinstance(p, Replicate))
+
+
+def _local(tensor: DTensor) -> torch.Tensor:
+    # The shard itself, without to_local()'s autograd function (these are gradients, under
+    # no_grad); to_local() where a torch version lacks the attribute.
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor.to_local()
+
+
+def _grouped_grads(parameters: Iterable[torch.Tensor]) -> dict[_GroupKey, list[torch.Tensor]]:
+    """Local gradients by (mesh, sharded mesh dims, device): each group reduces alike."""
+    groups: dict[_GroupKey, list[torch.Tensor]] = {}
+    for p in parameters:
+        grad = p.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor):
+            local = _local(grad)
+            key: _GroupKey = (grad.device_mesh, _sharded_dims(grad), local.device)
+        else:
+            local = grad
+            key = (None, (), grad.device)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [local]
+        else:
+            group.append(local)
+    return groups
 
 
 @torch.no_grad()
@@ -26,42 +61,34 @@ def total_grad_norm(
 
     Sharded DTensor dims are reduced across their ranks; replicated dims are counted once.
     ``extra_mesh`` (e.g. the pipeline mesh) sums contributions of ranks holding different
-    parameters. Returns a scalar tensor without synchronizing with the host.
+    parameters. Returns a float32 scalar tensor without synchronizing with the host.
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
     if norm_type not in (2.0, math.inf):
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
-    groups: dict[tuple[DeviceMesh | None, tuple[int, ...]], list[torch.Tensor]] = {}
-    device: torch.device | None = None
-    for grad in grads:
-        key: tuple[DeviceMesh | None, tuple[int, ...]] = (None, ())
-        local = grad
-        if isinstance(grad, DTensor):
-            key = (grad.device_mesh, _sharded_dims(grad))
-            local = grad.to_local()
-        device = device or local.device
-        groups.setdefault(key, []).append(local)
-    if device is None:
-        device = torch.device("cpu")
-    total = torch.zeros((), device=device, dtype=torch.float32)
-    for (mesh, dims), locals_ in groups.items():
-        norms = torch._foreach_norm(locals_, norm_type)
-        stacked = torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
-        if norm_type == math.inf:
-            part = stacked.max()
-            op = dist.ReduceOp.MAX
-        else:
-            part = stacked.pow(2).sum()
-            op = dist.ReduceOp.SUM
+    groups = _grouped_grads(parameters)
+    inf = norm_type == math.inf
+    reduce_across = extra_mesh is not None and extra_mesh.size() > 1
+    op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+    if len(groups) == 1 and not reduce_across:
+        (mesh, dims, _), locals_ = next(iter(groups.items()))
+        if mesh is None or not dims:  # nothing to reduce: one norm of the per-tensor norms
+            norms = torch.stack(torch._foreach_norm(locals_, norm_type)).float()
+            return torch.linalg.vector_norm(norms, norm_type)
+    device = next(iter(groups))[2] if groups else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for (mesh, dims, _), locals_ in groups.items():
+        norms = torch.stack(torch._foreach_norm(locals_, norm_type)).float()
+        part = norms.max() if inf else norms.pow(2).sum()
         if mesh is not None:
             for dim in dims:
                 dist.all_reduce(part, op=op, group=mesh.get_group(dim))
-        total = torch.maximum(total, part) if norm_type == math.inf else total + part
-    if extra_mesh is not None and extra_mesh.size() > 1:
-        op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
+        part = part.to(device)
+        total = torch.maximum(total, part) if inf else total + part
+    if reduce_across:
+        assert extra_mesh is not None
         dist.all_reduce(total, op=op, group=extra_mesh.get_group())
-    return total if norm_type == math.inf else total.sqrt()
+    return total if inf else total.sqrt()
 
 
 @torch.no_grad()
@@ -78,10 +105,17 @@ def scale_grads_(parameters: Iterable[torch.Tensor], factor: torch.Tensor | floa
     """Multiply every gradient (local shards of DTensors) by ``factor``."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for p in parameters:
-        if p.grad is None:
+        grad = p.grad
+        if grad is None:
             continue
-        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        by_device.setdefault(local.device, []).append(local)
+        local = _local(grad) if isinstance(grad, DTensor) else grad
+        group = by_device.get(local.device)
+        if group is None:
+            by_device[local.device] = [local]
+        else:
+            group.append(local)
     for device, locals_ in by_device.items():
-        value = factor.to(device) if isinstance(factor, torch.Tensor) else factor
-        torch._foreach_mul_(locals_, value)
+        if isinstance(factor, torch.Tensor) and factor.device != device:
+            torch._foreach_mul_(locals_, factor.to(device))
+        else:
+            torch._foreach_mul_(locals_, factor)

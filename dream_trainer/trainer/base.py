@@ -17,6 +17,7 @@ from dream_trainer.trainer.console_logging import ensure_console_logging
 from dream_trainer.trainer.context_batches import ContextParallelBatches
 from dream_trainer.trainer.forward_backward import ForwardBackward
 from dream_trainer.trainer.reduce import (
+    StepResults,
     as_scalar_tensor,
     infer_batch_size,
     move_to_device,
@@ -322,7 +323,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             limit = training.train_steps_per_epoch * accum - done
         for model in self.named_models().values():
             model.train()
-        running: dict[str, torch.Tensor] = {}
+        results = StepResults()
         progress: dict[str, int | None] = {}
         batches = agreed_batches(
             loader,
@@ -336,6 +337,8 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         batches = self.step_clock.timed(batches, self.tokens_in_batch)
         batches = self.progress.each(batches, Phase.DATA)
         self._loader_skip = 0
+        callbacks = self.callbacks
+        context_batches = self._context_batches
         ran = 0
         for batch_idx, batch in batches:
             ran += 1
@@ -344,9 +347,13 @@ class BaseTrainer(GradientStepping, ForwardBackward):
             self._epoch_batches += 1
             self._epoch_samples += infer_batch_size(batch) * self.world.dp_size
             self.progress.mark(Phase.FORWARD_BACKWARD, self.global_step)
-            with self._context_batches.batch(batch, "training") as batch:
-                self.callbacks.pre_train_step(batch, batch_idx)
+            if context_batches.layout is None:  # no context manager per micro-batch
+                callbacks.pre_train_step(batch, batch_idx)
                 result = self.training_step(batch, batch_idx)
+            else:
+                with context_batches.batch(batch, "training") as batch:
+                    callbacks.pre_train_step(batch, batch_idx)
+                    result = self.training_step(batch, batch_idx)
             if not isinstance(result, dict):
                 raise TypeError(
                     f"training_step must return a dict of scalar metrics, got {type(result).__name__}"
@@ -360,15 +367,13 @@ class BaseTrainer(GradientStepping, ForwardBackward):
                     )
                 self._end_accumulation_group()
                 self.global_step += 1  # before post_train_step: it sees the completed count
-            self.callbacks.post_train_step(result, batch_idx)
-            for name, value in result.items():
-                scalar = as_scalar_tensor(name, value, self.device)
-                running[name] = running[name] + scalar if name in running else scalar
+            callbacks.post_train_step(result, batch_idx)
+            results.add(result)
             if not completes_step:
                 continue
             self.step_clock.step_done()
-            self._maybe_log_train_metrics(running, accum)
-            running = {}
+            self._maybe_log_train_metrics(results, accum)
+            results.clear()
             every = training.val_every_n_steps
             if every and self.val_dataloader is not None and self.global_step % every == 0:
                 self.validate()
@@ -384,12 +389,17 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         """Runs after each optimizer step's logging and validation (checkpointing hooks in here)."""
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        with self.progress.during(Phase.OPTIMIZER):
+        progress = self.progress
+        before = progress.position.phase
+        progress.mark(Phase.OPTIMIZER)
+        try:
             return super().step(optimizer)
+        finally:
+            progress.mark(before)
 
     step.__doc__ = GradientStepping.step.__doc__
 
-    def _maybe_log_train_metrics(self, running: dict[str, torch.Tensor], accum: int) -> None:
+    def _maybe_log_train_metrics(self, results: StepResults, accum: int) -> None:
         every = self.log_every_n_steps
         if not every or self.global_step % every:
             return
@@ -398,7 +408,7 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         self.step_clock.arrive()
         weight = torch.tensor(float(accum), device=self.device)
         mesh = self.world.get_mesh("dp_cp")
-        self.last_train_metrics = weighted_mean_across(running, weight, mesh)
+        self.last_train_metrics = weighted_mean_across(results.sums(self.device), weight, mesh)
         window = self.step_clock.take()  # the all-reduce above is the window's barrier
         metrics = {f"train/{k}": v for k, v in self.last_train_metrics.items()}
         if self.config.training_parameters.on_non_finite_grad == "skip":

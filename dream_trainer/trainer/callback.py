@@ -101,6 +101,27 @@ class Callback(Generic[TrainerT]):
     def on_interrupt(self) -> None: ...
 
 
+def _implements(callback: Callback[Any], hook: str) -> bool:
+    return hook in vars(callback) or getattr(type(callback), hook) is not getattr(Callback, hook)
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
+def _dispatcher(listeners: list[Any]) -> Any:
+    if not listeners:
+        return _nothing
+    if len(listeners) == 1:
+        return listeners[0]
+
+    def dispatch(*args: Any) -> None:
+        for listener in listeners:
+            listener(*args)
+
+    return dispatch
+
+
 class CallbackCollection:
     """An ordered list of callbacks; calling a hook on it calls it on each, in order."""
 
@@ -115,6 +136,8 @@ class CallbackCollection:
                 f"callbacks must be dream_trainer Callback instances, got {type(callback).__name__}"
             )
         self._callbacks.append(callback)
+        for hook in HOOKS:  # dispatchers cached by __getattr__ are rebuilt on next use
+            self.__dict__.pop(hook, None)
 
     def attach(self, trainer: Any) -> None:
         for callback in self._callbacks:
@@ -131,9 +154,15 @@ class CallbackCollection:
             getattr(callback, hook)(*args)
 
     def __getattr__(self, hook: str) -> Any:
+        # Runs once per hook: the dispatcher is cached as an instance attribute. It calls only
+        # the callbacks that implement the hook (the base class's are no-ops), so a hook fired
+        # per micro-batch costs one call when nothing listens to it.
         if hook not in HOOKS:
             raise AttributeError(hook)
-        return lambda *args: self.call(hook, *args)
+        listeners = [getattr(c, hook) for c in self._callbacks if _implements(c, hook)]
+        dispatch = _dispatcher(listeners)
+        self.__dict__[hook] = dispatch
+        return dispatch
 
     def keys(self) -> list[str]:
         """Stable names: the class name, with ``#i`` added when a class appears more than once."""

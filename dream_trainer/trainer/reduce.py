@@ -14,19 +14,60 @@ from torch.distributed.tensor import DTensor
 
 def as_scalar_tensor(name: str, value: Any, device: torch.device) -> torch.Tensor:
     """A float32 scalar on ``device`` from a 0-d (or 1-element) tensor or a number."""
+    _check_metric(name, value)
     if isinstance(value, DTensor):
         # A loss under loss parallel is a replicated DTensor: the full value is already local.
         value = value.full_tensor()
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(()).to(device=device, dtype=torch.float32)
+    return torch.tensor(float(value), device=device)
+
+
+def _check_metric(name: str, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(
                 f"metric {name!r} has shape {tuple(value.shape)}; step results must be scalars "
                 "(reduce it, e.g. .mean(), before returning it)"
             )
-        return value.detach().reshape(()).to(device=device, dtype=torch.float32)
-    if isinstance(value, (int, float)):
-        return torch.tensor(float(value), device=device)
-    raise TypeError(f"metric {name!r} is a {type(value).__name__}; return tensors or numbers")
+    elif not isinstance(value, (int, float)):
+        raise TypeError(f"metric {name!r} is a {type(value).__name__}; return tensors or numbers")
+
+
+class StepResults:
+    """The scalar results of one optimizer step's micro-batches, summed only when read.
+
+    :meth:`add` runs on every micro-batch and only checks and keeps the values (tensors
+    detached); the sums, one float32 scalar per name on the device, are built by :meth:`sums`
+    at a log step. Steps that are not logged cost no tensor arithmetic.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[Any]] = {}
+
+    def add(self, result: Mapping[str, Any]) -> None:
+        for name, value in result.items():
+            _check_metric(name, value)
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
+            values = self._values.get(name)
+            if values is None:
+                self._values[name] = [value]
+            else:
+                values.append(value)
+
+    def sums(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Each name's sum over the micro-batches that returned it."""
+        out: dict[str, torch.Tensor] = {}
+        for name, values in self._values.items():
+            total = as_scalar_tensor(name, values[0], device)
+            for value in values[1:]:
+                total = total + as_scalar_tensor(name, value, device)
+            out[name] = total
+        return out
+
+    def clear(self) -> None:
+        self._values = {}
 
 
 def weighted_mean_across(
@@ -115,7 +156,8 @@ def infer_batch_size(batch: Any) -> int:
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor moved to ``device`` (dicts, lists, tuples, namedtuples)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        # The comparison skips a dispatcher call per tensor when it is already there (CPU).
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -122,7 +123,10 @@ class GradientStepping:
             for switch in self._sync_switches:
                 switch(sync)
             self._grad_sync_enabled = sync
-        with self.loss_parallel():
+        if self._loss_parallel_active():
+            with self.loss_parallel():
+                scaled.backward()
+        else:
             scaled.backward()
 
     def _note_tokens(self, num_tokens: Any) -> None:
@@ -138,16 +142,21 @@ class GradientStepping:
             count = torch.as_tensor(num_tokens, dtype=torch.float32, device=self.device).reshape(())
             self._step_tokens = count if self._step_tokens is None else self._step_tokens + count
 
-    @contextmanager
-    def loss_parallel(self) -> Iterator[None]:
+    def loss_parallel(self) -> AbstractContextManager[None]:
         """Context for computing (and backpropagating) a loss on vocab-sharded DTensor logits.
 
         Active only when tensor parallelism and ``loss_parallel`` are both on; a no-op otherwise.
         Re-entrant (torch's own context is not), and :meth:`backward` enters it by itself.
         """
-        if not self.world.loss_parallel_enabled or self._loss_parallel_depth:
-            yield
-            return
+        if not self._loss_parallel_active():
+            return _NO_CONTEXT  # entered per micro-batch: no generator-based context here
+        return self._entered_loss_parallel()
+
+    def _loss_parallel_active(self) -> bool:
+        return self.world.loss_parallel_enabled and not self._loss_parallel_depth
+
+    @contextmanager
+    def _entered_loss_parallel(self) -> Iterator[None]:
         from torch.distributed.tensor.parallel import loss_parallel
 
         self._loss_parallel_depth += 1
@@ -205,7 +214,7 @@ class GradientStepping:
             self._unchecked_norms.append((self.global_step, norm.detach()))
             if len(self._unchecked_norms) >= _MAX_UNCHECKED_NORMS:
                 self.check_gradient_norms()
-        elif not bool(torch.isfinite(norm)):
+        elif not math.isfinite(norm.item()):  # one host read (isfinite is several ops)
             if training.on_non_finite_grad == "error":
                 raise _non_finite_error(float(norm.item()), self.global_step, self.world.rank)
             logger.warning("skipping step %d: gradient norm is %s", self.global_step, norm.item())
@@ -255,6 +264,8 @@ class GradientStepping:
         self._stepped_this_group = 0
         self._skipped_this_group = False
 
+
+_NO_CONTEXT = nullcontext()
 
 _MAX_UNCHECKED_NORMS = 100
 """Steps a deferred check may fall behind even without a log step."""

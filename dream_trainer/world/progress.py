@@ -11,8 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 __all__ = ["Phase", "Position", "Progress"]
 
@@ -42,8 +41,7 @@ class Phase:
     """After the last step: the final checkpoint and the ``post_fit`` callbacks."""
 
 
-@dataclass(frozen=True)
-class Position:
+class Position(NamedTuple):
     """One mark: the step (optimizer steps completed), the phase, and when it was entered."""
 
     step: int
@@ -73,6 +71,8 @@ class Progress:
         previous = self._position
         if previous.phase != phase:
             self._finished.add(previous.phase)
+        # A tuple (not a frozen dataclass, whose __init__ costs several times more): the loop
+        # marks a few times per micro-batch.
         self._position = Position(
             previous.step if step is None else step, phase, time.monotonic(), previous.marks + 1
         )
