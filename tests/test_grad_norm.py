@@ -198,3 +198,45 @@ def test_extra_mesh_sums_pipeline_stages_holding_different_parameters():
         assert result["local"] == pytest.approx(expected_norm(grads[stage::2]), rel=1e-6)
         assert result["l2"] == pytest.approx(expected_norm(grads), rel=1e-6)
         assert result["inf"] == pytest.approx(expected_norm(grads, INF), rel=1e-6)
+
+
+def stage_without_gradients_norms() -> dict[str, float]:
+    """Rank 1 holds parameters but no gradients (e.g. a stage that got none this step)."""
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
+    grads = make_grads(SHAPES, scale=2.0)
+    mine = [param_with_grad(g) for g in grads]
+    if mesh.get_local_rank() == 1:
+        for param in mine:
+            param.grad = None
+    return {
+        "l2": total_grad_norm(mine, extra_mesh=mesh).item(),
+        "inf": total_grad_norm(mine, INF, extra_mesh=mesh).item(),
+    }
+
+
+@pytest.mark.multirank
+def test_a_stage_without_gradients_still_gets_the_pipeline_norm():
+    results = run_on_ranks(stage_without_gradients_norms, 2)
+    grads = make_grads(SHAPES, scale=2.0)
+    for result in results:
+        assert result["l2"] == pytest.approx(expected_norm(grads), rel=1e-6)
+        assert result["inf"] == pytest.approx(expected_norm(grads, INF), rel=1e-6)
+
+
+def replicated_norms() -> dict[str, float]:
+    """All gradients replicated DTensors (DDP's FSDP2-based replicate): nothing to reduce."""
+    mesh = init_device_mesh("cpu", (2,))
+    params = [param_with_grad(g, mesh, [Replicate()]) for g in make_grads(SHAPES)]
+    out = {"l2": total_grad_norm(params).item(), "inf": total_grad_norm(params, INF).item()}
+    clip_grads_by_total_norm_(params, 1.0, total_grad_norm(params))
+    out["clipped"] = total_grad_norm(params).item()
+    return out
+
+
+@pytest.mark.multirank
+def test_replicated_gradients_norm_and_clip_like_one_process():
+    grads = make_grads(SHAPES)
+    for result in run_on_ranks(replicated_norms, 2):
+        assert result["l2"] == pytest.approx(expected_norm(grads), rel=1e-6)
+        assert result["inf"] == pytest.approx(expected_norm(grads, INF), rel=1e-6)
+        assert result["clipped"] == pytest.approx(1.0, rel=1e-5)

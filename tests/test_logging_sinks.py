@@ -170,3 +170,23 @@ def test_one_rank_needs_no_key_check():
     mesh = None
     assert weighted_mean_across({"a": torch.tensor(2.0)}, torch.tensor(2.0), mesh) == {"a": 1.0}
     assert weighted_mean_across({}, torch.tensor(1.0), mesh) == {}
+
+
+def test_step_results_check_each_micro_batch_and_sum_only_when_read() -> None:
+    from dream_trainer.trainer.reduce import StepResults
+
+    results = StepResults()
+    loss = torch.tensor(1.5, requires_grad=True) * 2  # has a graph: kept detached
+    results.add({"loss": loss, "count": 2})
+    results.add({"loss": torch.tensor([0.5]), "count": 3.0})
+    sums = results.sums(torch.device("cpu"))
+    assert {k: v.item() for k, v in sums.items()} == {"loss": 3.5, "count": 5.0}
+    assert all(
+        v.dtype == torch.float32 and v.dim() == 0 and not v.requires_grad for v in sums.values()
+    )
+    results.clear()
+    assert results.sums(torch.device("cpu")) == {}
+    with pytest.raises(ValueError, match=r"metric 'loss' has shape \(2,\); step results must be"):
+        results.add({"loss": torch.ones(2)})
+    with pytest.raises(TypeError, match="metric 'name' is a str; return tensors or numbers"):
+        results.add({"name": "x"})

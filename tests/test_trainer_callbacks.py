@@ -212,3 +212,38 @@ def test_a_logger_callback_on_dream_trainer_logs_through_the_trainer(tmp_path):
     lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
     assert trainer.run_dir.parent == tmp_path / "dream-trainer" / "run"
     assert sum('"lr": 0.1' in line for line in lines) == 2
+
+
+def test_hooks_call_only_the_callbacks_that_override_them_in_order() -> None:
+    from dream_trainer.trainer.callback import CallbackCollection
+
+    calls: list[str] = []
+
+    class First(Callback[Any]):
+        def post_train_step(self, result: dict[str, Any], batch_idx: int) -> None:
+            calls.append(f"first {batch_idx}")
+
+    class Second(First):  # inherits the override: still a listener
+        pass
+
+    class Silent(Callback[Any]):
+        pass
+
+    silent = Silent()
+    silent.pre_epoch = lambda: calls.append("instance pre_epoch")  # type: ignore[method-assign]
+    collection = CallbackCollection([First(), Silent(), Second(), silent])
+    collection.post_train_step({}, 3)
+    collection.pre_epoch()
+    collection.post_fit()  # nobody listens: nothing runs, no error
+    assert calls == ["first 3", "first 3", "instance pre_epoch"]
+
+    class Late(Callback[Any]):
+        def post_train_step(self, result: dict[str, Any], batch_idx: int) -> None:
+            calls.append(f"late {batch_idx}")
+
+    collection.append(Late())  # the cached dispatchers are rebuilt
+    calls.clear()
+    collection.post_train_step({}, 4)
+    assert calls == ["first 4", "first 4", "late 4"]
+    with pytest.raises(AttributeError):
+        collection.not_a_hook  # noqa: B018
