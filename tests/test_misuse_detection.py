@@ -14,7 +14,7 @@ from torch import nn
 
 from dream_trainer.configs import DeviceParameters
 from dream_trainer.trainer.checks import check_one_device_per_model
-from dream_trainer.world import DistributedWorld, distributed_world
+from dream_trainer.world import DistributedWorld, distributed_world, launch_checks
 from dream_trainer.world.environment import LaunchEnvironment, visible_accelerators
 from tests.trainer_fixtures import MLP, MLPTrainer, mlp_config
 
@@ -86,7 +86,7 @@ def _launch_one_process(device: str | None) -> None:
 def test_one_process_with_several_accelerators_warns_once_with_the_command(
     monkeypatch, warnings_logged
 ):
-    monkeypatch.setattr(distributed_world, "visible_accelerators", lambda: ("cuda", 4))
+    monkeypatch.setattr(launch_checks, "visible_accelerators", lambda: ("cuda", 4))
     monkeypatch.setattr(distributed_world, "pick_device", lambda *_: torch.device("cpu"))
     monkeypatch.setattr(sys, "argv", ["train.py", "--config", "debug"])
     _launch_one_process(device=None)
@@ -100,14 +100,14 @@ def test_one_process_with_several_accelerators_warns_once_with_the_command(
 
 @pytest.mark.parametrize("forced", ["cpu", "cuda:0"])
 def test_a_forced_device_means_one_device_on_purpose(monkeypatch, warnings_logged, forced):
-    monkeypatch.setattr(distributed_world, "visible_accelerators", lambda: ("cuda", 4))
+    monkeypatch.setattr(launch_checks, "visible_accelerators", lambda: ("cuda", 4))
     monkeypatch.setattr(distributed_world, "pick_device", lambda *_: torch.device("cpu"))
     _launch_one_process(device=forced)
     assert not [m for m in warnings_logged if "devices are visible" in m]
 
 
 def test_one_accelerator_and_one_process_is_not_a_mistake(monkeypatch, warnings_logged):
-    monkeypatch.setattr(distributed_world, "visible_accelerators", lambda: ("cuda", 1))
+    monkeypatch.setattr(launch_checks, "visible_accelerators", lambda: ("cuda", 1))
     monkeypatch.setattr(distributed_world, "pick_device", lambda *_: torch.device("cpu"))
     _launch_one_process(device=None)
     assert not [m for m in warnings_logged if "devices are visible" in m]

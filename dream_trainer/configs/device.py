@@ -16,6 +16,7 @@ from pydantic import (
 from dream_trainer.configs.auto_layout import AutoLayout
 from dream_trainer.configs.base import ConfigModel, DType
 from dream_trainer.configs.compute import ActivationCheckpointConfig, Float8Config
+from dream_trainer.configs.guide_forms import GUIDE_KEYS, SIZE_ALIASES, translate_guide_forms
 
 
 def _parse_degree(value: Any, symbols: tuple[str, ...] = ("auto",)) -> int | str:
@@ -66,15 +67,6 @@ PIPELINE_SCHEDULES = (
     "ZBVZeroBubble",
     "DualPipeV",
 )
-
-# Forms used in the parallelism guide, mapped onto the canonical degree fields.
-_SIZE_ALIASES = {
-    "pipeline_parallel_size": "pipeline_parallel",
-    "tensor_parallel_size": "tensor_parallel",
-    "context_parallel_size": "context_parallel",
-}
-_SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
-_FSDP_CONFIG_KEYS = ("sharding_strategy", "mixed_precision", "cpu_offload", "shard_size")
 
 
 class CommParameters(ConfigModel):
@@ -227,7 +219,7 @@ class DeviceParameters(ConfigModel):
     async_tensor_parallel: bool = False
     """Overlap TP communication with compute (needs ``compile_model`` and CUDA)."""
 
-    extra_keys_accepted = frozenset(["data_parallel_size", "fsdp_config", *_SIZE_ALIASES])
+    extra_keys_accepted = GUIDE_KEYS
 
     comm: CommParameters = Field(default_factory=CommParameters)
     pipeline_parallel_config: PipelineParallelConfig = Field(default_factory=PipelineParallelConfig)
@@ -246,7 +238,7 @@ class DeviceParameters(ConfigModel):
     def translate_aliases(cls, data: dict[str, Any]) -> dict[str, Any]:
         """Map the guide forms (``*_parallel_size``, ``data_parallel_size``, ``fsdp_config``)."""
         if any(key in data for key in cls.extra_keys_accepted):
-            return _translate_aliases(dict(data))
+            return translate_guide_forms(dict(data))
         return data
 
     @model_validator(mode="before")
@@ -397,75 +389,8 @@ class DeviceParameters(ConfigModel):
     def _preset(cls, defaults: dict[str, Any], kwargs: dict[str, Any]) -> DeviceParameters:
         # A guide-form keyword (tensor_parallel_size=..., data_parallel_size=..., fsdp_config=...)
         # replaces the preset's value for the degrees it sets instead of conflicting with it.
-        replaced = {_SIZE_ALIASES[key] for key in kwargs if key in _SIZE_ALIASES}
+        replaced = {SIZE_ALIASES[key] for key in kwargs if key in SIZE_ALIASES}
         if "data_parallel_size" in kwargs or "fsdp_config" in kwargs:
             replaced |= {"dp_replicate", "dp_shard"}
         kept = {name: value for name, value in defaults.items() if name not in replaced}
         return cls(**{**kept, **kwargs})
-
-
-def _translate_aliases(data: dict[str, Any]) -> dict[str, Any]:
-    """Map ``*_parallel_size``, ``data_parallel_size`` and ``fsdp_config`` onto canonical fields."""
-    for alias, field in _SIZE_ALIASES.items():
-        if alias in data:
-            _set_once(data, field, data.pop(alias), alias)
-    if "data_parallel_size" not in data and "fsdp_config" not in data:
-        return data
-
-    fsdp = data.pop("fsdp_config", None) or {}
-    if not isinstance(fsdp, dict):
-        raise ValueError(f"fsdp_config must be a dict, got {type(fsdp).__name__}")
-    unknown = sorted(set(fsdp) - set(_FSDP_CONFIG_KEYS))
-    if unknown:
-        raise ValueError(
-            f"fsdp_config has unknown keys {unknown}; accepted keys: {', '.join(_FSDP_CONFIG_KEYS)}"
-        )
-    strategy = str(fsdp.get("sharding_strategy", "FULL_SHARD")).upper()
-    if strategy not in _SHARDING_STRATEGIES:
-        raise ValueError(
-            f"fsdp_config.sharding_strategy={fsdp['sharding_strategy']!r} is unknown; "
-            f"use one of: {', '.join(_SHARDING_STRATEGIES)}"
-        )
-    dp_size = data.pop("data_parallel_size", "auto")
-    if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
-        _set_once(data, "dp_shard", dp_size, "data_parallel_size")
-        _set_once(data, "dp_replicate", 1, "fsdp_config.sharding_strategy")
-        if strategy == "SHARD_GRAD_OP":
-            _set_once(data, "reshard_after_forward", False, "fsdp_config.sharding_strategy")
-    elif strategy == "NO_SHARD":
-        _set_once(data, "dp_replicate", dp_size, "data_parallel_size")
-        _set_once(data, "dp_shard", 1, "fsdp_config.sharding_strategy")
-    else:  # HYBRID_SHARD: shard inside a group (usually a node), replicate across groups.
-        shard_size = fsdp.get("shard_size")
-        if not isinstance(shard_size, int) or shard_size < 1:
-            raise ValueError(
-                "fsdp_config.sharding_strategy='HYBRID_SHARD' needs fsdp_config.shard_size, the "
-                "number of ranks that shard one replica (usually the GPUs per node), e.g. "
-                "fsdp_config={'sharding_strategy': 'HYBRID_SHARD', 'shard_size': 8}"
-            )
-        replicate: int | str = "auto"
-        if dp_size != "auto":
-            if not isinstance(dp_size, int) or dp_size % shard_size:
-                raise ValueError(
-                    f"data_parallel_size={dp_size} is not a multiple of "
-                    f"fsdp_config.shard_size={shard_size}; HYBRID_SHARD needs "
-                    "data_parallel_size = replicas x shard_size"
-                )
-            replicate = dp_size // shard_size
-        _set_once(data, "dp_shard", shard_size, "fsdp_config.shard_size")
-        _set_once(data, "dp_replicate", replicate, "data_parallel_size")
-    if fsdp.get("mixed_precision"):
-        _set_once(data, "param_dtype", "bfloat16", "fsdp_config.mixed_precision")
-        _set_once(data, "reduce_dtype", "float32", "fsdp_config.mixed_precision")
-    if "cpu_offload" in fsdp:
-        _set_once(data, "cpu_offload", bool(fsdp["cpu_offload"]), "fsdp_config.cpu_offload")
-    return data
-
-
-def _set_once(data: dict[str, Any], field: str, value: Any, source: str) -> None:
-    if field in data and data[field] != value:
-        raise ValueError(
-            f"{source} sets {field}={value!r}, but {field}={data[field]!r} was also given; "
-            "give only one of them"
-        )
-    data[field] = value

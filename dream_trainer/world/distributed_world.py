@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shlex
-import sys
 import warnings
 from collections.abc import Callable
 from types import TracebackType
@@ -31,8 +29,10 @@ from dream_trainer.world.auto_layout import (
     format_bytes,
     model_size_from,
 )
-from dream_trainer.world.environment import LaunchEnvironment, visible_accelerators
+from dream_trainer.world.devices import backend_for, pick_device
+from dream_trainer.world.environment import LaunchEnvironment
 from dream_trainer.world.group_timeouts import set_group_timeout
+from dream_trainer.world.launch_checks import check_options, warn_if_devices_sit_idle
 from dream_trainer.world.layout import FLATTENED_DIMS, MESH_DIMS, MeshLayout
 from dream_trainer.world.parent_watch import ParentWatch
 from dream_trainer.world.process_groups import (
@@ -41,77 +41,9 @@ from dream_trainer.world.process_groups import (
     restart_attempt_store,
     untag_compile_caches,
 )
+from dream_trainer.world.stale_caches import clear_dtensor_caches, forget_compiled_graphs
 
 logger = logging.getLogger("dream_trainer.world")
-
-
-def pick_device(local_rank: int, requested: str | torch.device | None = None) -> torch.device:
-    """The device this rank computes on: the requested one, else its accelerator, else the CPU."""
-    if requested is not None:
-        device = torch.device(requested)
-        if device.type != "cpu" and device.index is None:
-            device = torch.device(device.type, local_rank)
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and accelerator.is_available():
-        kind = accelerator.current_accelerator()
-        if kind is not None and kind.type != "cpu":
-            return torch.device(kind.type, local_rank)
-    return torch.device("cpu")
-
-
-def clear_dtensor_caches() -> None:
-    """Forget DTensor's cached sharding and redistribution plans.
-
-    They are keyed by mesh *value*, so after process groups are destroyed and meshes rebuilt
-    with the same shape (a second ``fit`` in one process), a cached plan would name dead groups.
-    """
-    from torch.distributed.tensor import DTensor, _redistribute
-
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    for name in ("propagate_op_sharding", "_propagate_tensor_meta_cached"):
-        clear = getattr(getattr(propagator, name, None), "cache_clear", None)
-        if clear is not None:
-            clear()
-    native_clear = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
-    if native_clear is not None:
-        native_clear()
-    transform_clear = getattr(
-        getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None
-    )
-    if transform_clear is not None:
-        transform_clear()
-    planner_clear = getattr(_redistribute, "clear_redistribute_planner_cache", None)
-    if planner_clear is not None:
-        planner_clear()
-
-
-def forget_compiled_graphs() -> None:
-    """Drop torch.compile's cached graphs, which name the process groups of their collectives.
-
-    A second world in the same process builds new groups under new names; a graph cached by
-    the first would call collectives on groups that no longer exist ("Could not resolve the
-    process group registered under the name ..."), since dynamo's guards do not check them.
-    """
-    if "torch._dynamo" in sys.modules:
-        sys.modules["torch._dynamo"].reset()
-
-
-def backend_for(device: torch.device) -> str:
-    """gloo on CPU, NCCL on CUDA, torch's default backend for any other accelerator."""
-    if device.type == "cpu":
-        return "gloo"
-    if device.type == "cuda":
-        return "nccl"
-    backend = dist.Backend.default_device_backend_map.get(device.type)
-    if backend is None:
-        raise RuntimeError(
-            f"torch.distributed has no default backend for device type {device.type!r}; "
-            "pass device='cpu' or install the backend package for this accelerator"
-        )
-    return str(backend)
 
 
 class DistributedWorld:
@@ -159,8 +91,8 @@ class DistributedWorld:
         self.environment = env
         self.device = pick_device(env.local_rank, self._requested_device)
         self.layout = self._resolve_layout(env)
-        self._check_options()
-        self._warn_if_devices_sit_idle(env)
+        check_options(self.device_parameters, self.layout, self.device, env.rank)
+        warn_if_devices_sit_idle(env, self._requested_device, self.device)
         if self.device.type != "cpu":
             torch.get_device_module(self.device.type).set_device(self.device)
 
@@ -334,55 +266,6 @@ class DistributedWorld:
                 self.rank,
                 error,
             )
-
-    def _check_options(self) -> None:
-        params = self.device_parameters
-        if params.loss_parallel and self.layout.tp == 1 and self.environment.rank == 0:
-            logger.warning(
-                "loss_parallel=True has no effect without tensor parallelism (tensor_parallel "
-                "is 1): the loss is computed on full logits. Set tensor_parallel > 1 or "
-                "loss_parallel=False."
-            )
-        if params.async_tensor_parallel:
-            problems = []
-            if self.layout.tp == 1:
-                problems.append("tensor_parallel is 1")
-            if not params.compile_model:
-                problems.append("compile_model is False")
-            if self.device.type != "cuda":
-                problems.append(f"the device is {self.device.type}, not cuda")
-            if problems:
-                raise ValueError(
-                    "async_tensor_parallel=True cannot be applied: "
-                    + "; ".join(problems)
-                    + ". Set async_tensor_parallel=False, or use TP > 1 with compile_model=True on CUDA."
-                )
-
-    def _warn_if_devices_sit_idle(self, env: LaunchEnvironment) -> None:
-        # One process on a machine with several accelerators is usually a plain `python
-        # train.py` meant to use them all; a device passed explicitly says one is intended.
-        if env.world_size > 1 or self._requested_device is not None:
-            return
-        kind, count = visible_accelerators()
-        if count < 2:
-            return
-        is_script = bool(sys.argv) and sys.argv[0].endswith(".py")
-        command = shlex.join(sys.argv) if is_script else "SCRIPT [ARGS...]"
-        limit = " or make one visible (CUDA_VISIBLE_DEVICES=0)" if kind == "cuda" else ""
-        logger.warning(
-            "%d %s devices are visible but this run has 1 process, so it computes on %s alone. "
-            "Start one process per device with `dream-trainer run %s` (or `torchrun "
-            "--standalone --nproc_per_node=%d %s`); to use one device on purpose, pass it to "
-            'the trainer (DreamTrainer(config, device="%s:0"))%s.',
-            count,
-            kind,
-            self.device,
-            command,
-            count,
-            command,
-            kind,
-            limit,
-        )
 
     def _build_meshes(self) -> None:
         root = init_device_mesh(self.device_type, self.layout.shape, mesh_dim_names=MESH_DIMS)
