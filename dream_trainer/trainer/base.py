@@ -18,7 +18,6 @@ from dream_trainer.trainer.context_batches import ContextParallelBatches
 from dream_trainer.trainer.forward_backward import ForwardBackward
 from dream_trainer.trainer.reduce import (
     StepResults,
-    as_scalar_tensor,
     infer_batch_size,
     move_to_device,
     weighted_mean_across,
@@ -30,6 +29,7 @@ from dream_trainer.trainer.run_directory import (
 )
 from dream_trainer.trainer.stepping import GradientStepping
 from dream_trainer.trainer.throughput import RankWindow, StepClock
+from dream_trainer.trainer.validation import Validation
 from dream_trainer.world import DistributedWorld, ModelSize
 from dream_trainer.world.process_groups import tag_compile_caches_with_groups
 from dream_trainer.world.progress import Phase, Progress
@@ -38,7 +38,7 @@ from dream_trainer.world.watchdog import HangWatchdog
 logger = logging.getLogger("dream_trainer.trainer")
 
 
-class BaseTrainer(GradientStepping, ForwardBackward):
+class BaseTrainer(GradientStepping, ForwardBackward, Validation):
     """The loop and nothing else: no metrics library, no logger service.
 
     Subclasses (usually through the setup mixins) provide models, optimizers and dataloaders;
@@ -420,45 +420,6 @@ class BaseTrainer(GradientStepping, ForwardBackward):
         """Extra metrics of a training log window (every rank calls it; LoggerMixin adds the
         throughput, MFU, memory and rank-balance metrics when enabled)."""
         return {}
-
-    @torch.no_grad()
-    def validate(self, max_batches: int | None = None, log: bool = True) -> dict[str, float]:
-        """Run validation; metrics are averaged over data-parallel ranks, weighted by samples."""
-        loader = self.val_dataloader
-        if loader is None:
-            return {}
-        training = self.config.training_parameters
-        limit = training.val_steps_per_epoch if max_batches is None else max_batches
-        models = self.named_models().values()
-        modes = [m.training for m in models]
-        for model in models:
-            model.eval()
-        self.callbacks.pre_validation_epoch()
-        sums: dict[str, torch.Tensor] = {}
-        count = torch.zeros((), device=self.device)
-        self.progress.mark(Phase.VALIDATION, self.global_step)
-        for batch_idx, batch in agreed_batches(loader, limit, self.world, 1, "validation"):
-            self.progress.mark(Phase.VALIDATION)  # each batch is progress
-            batch = move_to_device(batch, self.device)
-            with self._context_batches.batch(batch, "validation") as batch:
-                self.callbacks.pre_validation_step(batch, batch_idx)
-                result = self.validation_step(batch, batch_idx)
-            self.callbacks.post_validation_step(result, batch_idx)
-            n = infer_batch_size(batch)
-            for name, value in result.items():
-                scalar = as_scalar_tensor(name, value, self.device) * n
-                sums[name] = sums[name] + scalar if name in sums else scalar
-            count += n
-        self.progress.mark(Phase.VALIDATION_METRICS)
-        results = weighted_mean_across(sums, count, self.world.get_mesh("dp_cp"))
-        results.update(self.collect_validation_metrics())
-        for model, mode in zip(models, modes):
-            model.train(mode)
-        self.validation_results = results
-        self.callbacks.post_validation_epoch(results)
-        if log and results:
-            self.log_dict(results, self.global_step)
-        return results
 
     # State that must survive a restart
 
