@@ -18,7 +18,7 @@ from dream_trainer.launch import (
 from dream_trainer.launch.activations import in_flight_microbatches
 from dream_trainer.launch.memory import coordinates
 from dream_trainer.launch.plan_cli import split_plan_argv
-from dream_trainer.launch.planner import describe_ranks, parse_bytes
+from dream_trainer.launch.plan_report import describe_ranks, parse_bytes
 from dream_trainer.launch.suggest import candidate_layouts
 from dream_trainer.world import MeshLayout, fake_world
 from examples.llama3.train import Llama3Trainer

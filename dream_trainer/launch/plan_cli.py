@@ -119,7 +119,8 @@ def split_plan_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def run_plan(options: argparse.Namespace, script_args: list[str]) -> int:
     """Plan (and with ``--suggest`` rank layouts); print the report; return the exit code."""
-    from dream_trainer.launch.planner import load_trainer, parse_bytes, plan_loaded, ranks_per_node
+    from dream_trainer.launch.plan_report import parse_bytes
+    from dream_trainer.launch.planner import load_trainer, plan_loaded, ranks_per_node
     from dream_trainer.launch.suggest import suggest_layouts
 
     try:

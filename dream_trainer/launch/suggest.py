@@ -7,14 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dream_trainer.configs import DeviceParameters
-from dream_trainer.launch.planner import (
-    Plan,
-    TrainerSource,
-    load_trainer,
-    parse_bytes,
-    plan_loaded,
-    ranks_per_node,
-)
+from dream_trainer.launch.plan_report import Plan, parse_bytes
+from dream_trainer.launch.planner import TrainerSource, load_trainer, plan_loaded, ranks_per_node
 from dream_trainer.world import MeshLayout
 from dream_trainer.world.auto_layout import format_bytes
 
