@@ -188,11 +188,22 @@ def train_float8(
         type(getattr(p, "_local_tensor", p)).__name__ == "WeightWithDynamicFloat8CastTensor"
         for p in trainer.model.parameters()
     )
+    # Scales computed after the last optimizer step by precompute_fsdp_scales.
+    precomputed = sum(
+        getattr(getattr(p, "_local_tensor", p), "_precomputed_scale", None) is not None
+        for p in trainer.model.parameters()
+    )
     weights = {
         name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
         for name, p in trainer.model.named_parameters()
     }
-    return {"losses": trainer.losses, "weights": weights, "converted": converted, "cast": cast}
+    return {
+        "losses": trainer.losses,
+        "weights": weights,
+        "converted": converted,
+        "cast": cast,
+        "precomputed": precomputed,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -240,13 +251,38 @@ def test_float8_changes_the_numbers() -> None:
     assert 1e-5 < gap < 1e-2, losses  # float8 rounding shows, yet the model computes alike
 
 
+ALL_GATHER = {"emulate": True, "enable_fsdp_float8_all_gather": True}
+
+
+@pytest.fixture(scope="module")
+def all_gather_run(corpus: dict[str, str]) -> list[dict[str, Any]]:
+    device = {"float8": True, "float8_config": ALL_GATHER}
+    return run_on_ranks(train_float8, 2, corpus, 2, timeout=300, **device)
+
+
 @pytest.mark.multirank
-def test_fsdp2_with_float8_all_gather_matches_one_process(corpus, reference) -> None:
-    options = {"emulate": True, "enable_fsdp_float8_all_gather": True}
-    all_gather = {"float8": True, "float8_config": options}
-    results = run_on_ranks(train_float8, 2, corpus, 2, timeout=300, **all_gather)
-    assert [r["cast"] for r in results] == [15, 15]
-    _assert_close_to(results, reference)
+def test_fsdp2_with_float8_all_gather_matches_one_process(all_gather_run, reference) -> None:
+    assert [r["cast"] for r in all_gather_run] == [15, 15]
+    assert [r["precomputed"] for r in all_gather_run] == [0, 0]
+    _assert_close_to(all_gather_run, reference)
+
+
+@pytest.mark.multirank
+def test_precomputed_fsdp_scales_train_exactly_like_per_weight_scales(
+    corpus, all_gather_run
+) -> None:
+    device = {"float8": True, "float8_config": {**ALL_GATHER, "precompute_fsdp_scales": True}}
+    results = run_on_ranks(train_float8, 2, corpus, 2, timeout=300, **device)
+    assert [r["precomputed"] for r in results] == [15, 15]  # every float8 weight, every rank
+    for result, per_weight in zip(results, all_gather_run):
+        assert result["losses"] == per_weight["losses"]  # one all-reduce, the same scales
+        for name, value in result["weights"].items():
+            torch.testing.assert_close(value, per_weight["weights"][name], rtol=0, atol=0)
+
+
+def test_precomputed_scales_need_the_float8_all_gather() -> None:
+    with pytest.raises(ValueError, match="precompute_fsdp_scales=True precomputes the scales"):
+        Float8Config(precompute_fsdp_scales=True)
 
 
 @pytest.mark.multirank

@@ -42,6 +42,11 @@ class Float8Config(ConfigModel):
     float8 TP styles); ``False``: communicate in the compute dtype and cast after. ``None``:
     on for ``tensorwise``, off for the rowwise recipes (torchao's float8 TP styles are
     tensorwise). gloo cannot all-gather float8, so on CPU set ``False``."""
+    precompute_fsdp_scales: bool = False
+    """With the float8 all-gather: after each optimizer step, compute every float8 weight's
+    scale at once (one all-reduce for all of them, torchao's
+    ``precompute_float8_dynamic_scale_for_fsdp``) instead of one all-reduce per weight inside
+    FSDP's all-gather. Same scales, fewer collectives."""
     emulate: bool = False
     """Emulate the float8 matmul in high precision (same float8 rounding of its inputs): for
     GPUs without float8 kernels (before compute capability 8.9), and for CPUs, whose float8
@@ -57,6 +62,12 @@ class Float8Config(ConfigModel):
                 "float8_config.enable_fsdp_float8_all_gather=True needs recipe='tensorwise' "
                 f"(one scale per weight), got recipe={self.recipe!r}; use tensorwise or turn "
                 "the float8 all-gather off"
+            )
+        if self.precompute_fsdp_scales and not self.enable_fsdp_float8_all_gather:
+            raise ValueError(
+                "float8_config.precompute_fsdp_scales=True precomputes the scales of the float8 "
+                "all-gather, which is off; set enable_fsdp_float8_all_gather=True as well, or "
+                "turn precompute_fsdp_scales off"
             )
         if self.float8_tensor_parallel and self.recipe != "tensorwise":
             raise ValueError(

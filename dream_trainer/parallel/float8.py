@@ -1,7 +1,7 @@
 """torchao float8 training: converting ``nn.Linear`` layers, and detecting ``Float8Linear``.
 
 torchao is an optional dependency (``dream-trainer[fp8]``), imported only inside
-:func:`convert_to_float8` and :func:`float8_tp_styles`. A module can only be a
+:func:`convert_to_float8`, :func:`precompute_float8_scales` and :func:`float8_tp_styles`. A module can only be a
 ``Float8Linear`` if torchao defined its class, so the class is recognised by name and
 defining module, and torchao's tensor-parallel styles are imported only when one is found.
 """
@@ -135,6 +135,15 @@ def check_float8_layout(config: Float8Config, fsdp_enabled: bool, tp_backend: st
             "all-gathers, which gloo cannot do; set float8_config.float8_tensor_parallel=False "
             "to communicate them in the compute dtype"
         )
+
+
+def precompute_float8_scales(module: nn.Module) -> None:
+    """Compute the float8 all-gather scales of every weight in ``module`` with one all-reduce.
+
+    Run after each optimizer step (every rank of the FSDP mesh) when
+    ``float8_config.precompute_fsdp_scales`` is on; FSDP's next all-gathers use them.
+    """
+    _import_torchao_float8().precompute_float8_dynamic_scale_for_fsdp(module)
 
 
 def _refuse_shared_weights(module: nn.Module, chosen: list[tuple[str, nn.Linear]]) -> None:

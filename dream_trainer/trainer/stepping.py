@@ -184,6 +184,9 @@ class GradientStepping:
     def _before_parameters_change(self) -> None:
         """Runs right before an optimizer step (an async checkpoint waits for its copy here)."""
 
+    def _after_parameters_change(self, optimizer: torch.optim.Optimizer) -> None:
+        """Runs right after ``optimizer`` stepped (float8 scales are precomputed here)."""
+
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Clip, step ``optimizer`` and its schedulers, then zero its gradients.
 
@@ -226,6 +229,7 @@ class GradientStepping:
             self.callbacks.pre_optimizer_step(optimizer)
             self._before_parameters_change()
             optimizer.step()
+            self._after_parameters_change(optimizer)
             for scheduler in self.named_schedulers().values():
                 if getattr(scheduler, "optimizer", None) is optimizer:
                     scheduler.step()

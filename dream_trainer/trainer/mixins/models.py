@@ -22,7 +22,11 @@ from dream_trainer.parallel.activation_checkpointing import checkpoint_blocks
 from dream_trainer.parallel.async_tp import enable_async_tensor_parallel
 from dream_trainer.parallel.blocks import declared_blocks
 from dream_trainer.parallel.compile import compile_module, guard_compiled_inputs
-from dream_trainer.parallel.float8 import check_float8_layout, convert_to_float8
+from dream_trainer.parallel.float8 import (
+    check_float8_layout,
+    convert_to_float8,
+    precompute_float8_scales,
+)
 from dream_trainer.parallel.fully_shard import (
     ROOT_AWARE_RESHARD_DEFAULT,
     fully_shard,
@@ -178,6 +182,15 @@ class ModelSetupMixin(BaseTrainer):
         config = self.config.device_parameters.float8_config
         for model in self.named_models().values():
             convert_to_float8(model, config)
+
+    def _after_parameters_change(self, optimizer: torch.optim.Optimizer) -> None:
+        super()._after_parameters_change(optimizer)
+        params = self.config.device_parameters
+        if params.float8 and params.float8_config.precompute_fsdp_scales:
+            owners = self.__dict__.setdefault("_float8_owners", {})
+            if id(optimizer) not in owners:  # found once: _model_of walks every parameter
+                owners[id(optimizer)] = self._model_of(optimizer)
+            precompute_float8_scales(owners[id(optimizer)])
 
     def apply_compile(self) -> None:
         """``torch.compile`` each declared block in place (or the whole model)."""
