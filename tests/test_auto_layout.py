@@ -64,6 +64,18 @@ CASES: dict[str, tuple[int, int, int, ModelSize, dict[str, Any], str, dict[str, 
         "FSDP x TP", {"dp_shard": 256, "tensor_parallel": 4},
     ),
     "405B on 256": (256, 8, 80 * GiB, LLAMA_405B, {}, "FSDP", {"dp_shard": 256}),
+    "8B on 8 nodes, 60GiB activations: TP keeps a node's share": (
+        64, 8, 80 * GiB, LLAMA_8B, {"activation_memory": 60 * GiB},
+        "HSDP x TP", {"dp_replicate": 8, "dp_shard": 4, "tensor_parallel": 2},
+    ),
+    "8B on 8 nodes, 100GiB activations: the smallest TP first": (
+        64, 8, 80 * GiB, LLAMA_8B, {"activation_memory": 100 * GiB},
+        "FSDP x TP", {"dp_shard": 32, "tensor_parallel": 2},
+    ),
+    "tiny budget, 2 nodes of 2: replicas of a TP pair": (
+        4, 2, 1180, ModelSize(67, 67, 4.0, 80), {"param_dtype": None},
+        "DDP x TP", {"dp_replicate": 2, "tensor_parallel": 2},
+    ),
     "tiny budget, one node of 2: TP only": (
         2, 2, 1000, ModelSize(67, 67, 4.0, 40), {"param_dtype": None}, "TP", {"tensor_parallel": 2}
     ),
@@ -95,7 +107,13 @@ def test_the_layout_for_each_world_and_model(case):
 
 
 @pytest.mark.parametrize(
-    "case", ["8B on 8 nodes", "70B on 1024", "405B on 1024, 100GiB activations"]
+    "case",
+    [
+        "8B on 8 nodes",
+        "70B on 1024",
+        "405B on 1024, 100GiB activations",
+        "8B on 8 nodes, 60GiB activations: TP keeps a node's share",
+    ],
 )
 def test_large_layouts_build_their_meshes_on_a_fake_world(case):
     world_size, per_node, memory, model, options, kind, degrees = CASES[case]

@@ -3,8 +3,8 @@
 :func:`choose_layout` is the decision, a pure function of the numbers. It estimates what each
 device holds, compares it with the budget ``device memory x (1 - activation_reserve)`` (less
 the activations, when given) and takes the first layout that fits, in this order: one device
-(world size 1), DDP, HSDP over nodes, FSDP over all ranks, FSDP x tensor parallelism within a
-node. The estimate per device, for ``P`` parameters of which ``T`` are trainable:
+(world size 1), DDP, HSDP over nodes, FSDP over all ranks, then for the smallest tensor-parallel
+degree (within a node) that fits: HSDP x TP over nodes, else FSDP x TP. The estimate per device, for ``P`` parameters of which ``T`` are trainable:
 
 * model states ``S = P x bytes + T x (bytes + optimizer bytes)`` (weights, gradients, state);
 * DDP holds ``S`` (plus a ``param_dtype`` copy of the weights when that dtype differs);
@@ -155,6 +155,21 @@ def choose_layout(
     allowed = model.tensor_parallel and options.allow_tensor_parallel
     degrees_tp = [t for t in range(2, devices_per_node + 1) if devices_per_node % t == 0]
     for t in degrees_tp if allowed else []:
+        node_need = e.sharded(devices_per_node, t)
+        if nodes > 1 and node_need <= e.budget(t):
+            # As HSDP above: all-gathers stay inside a node, only gradients cross nodes.
+            shard = devices_per_node // t
+            reason += (
+                f"; tensor parallelism of degree {t} within a node divides the gathered blocks"
+                f"{' and activations' if e.activations else ''} by {t}, and then a node's share "
+                f"fits: {e.sharded_text(devices_per_node, t)} of {e.budget_text(t, short=True)}, "
+                f"so each of the {nodes} nodes holds a replica "
+                + (f"sharded over {shard} data-parallel ranks x " if shard > 1 else "over ")
+                + f"{t} tensor-parallel ranks"
+            )
+            degrees = {"dp_replicate": nodes, "dp_shard": shard, "tensor_parallel": t}
+            kind = "HSDP x TP" if shard > 1 else "DDP x TP"
+            return chosen(kind, degrees, reason, node_need, t)
         need = e.sharded(world_size, t)
         if need <= e.budget(t):
             reason += (
