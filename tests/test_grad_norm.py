@@ -240,3 +240,20 @@ def test_replicated_gradients_norm_and_clip_like_one_process():
         assert result["l2"] == pytest.approx(expected_norm(grads), rel=1e-6)
         assert result["inf"] == pytest.approx(expected_norm(grads, INF), rel=1e-6)
         assert result["clipped"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_clip_and_norm_in_one_pass_equals_the_two_steps():
+    grads = make_grads(SHAPES, scale=3.0)
+    one = [param_with_grad(g) for g in grads]
+    two = [param_with_grad(g) for g in grads]
+    from dream_trainer.parallel.grad_norm import clip_grads_and_norm_
+
+    norm = clip_grads_and_norm_(one, 1.0)
+    expected = total_grad_norm(two)
+    clip_grads_by_total_norm_(two, 1.0, expected)
+    assert norm.item() == expected.item() == pytest.approx(expected_norm(grads), rel=1e-6)
+    for a, b in zip(one, two):
+        assert torch.equal(a.grad, b.grad)
+    unclipped = [param_with_grad(g) for g in grads]
+    assert clip_grads_and_norm_(unclipped, None).item() == expected.item()
+    assert all(torch.equal(p.grad, g) for p, g in zip(unclipped, grads))

@@ -63,10 +63,35 @@ def total_grad_norm(
     ``extra_mesh`` (e.g. the pipeline mesh) sums contributions of ranks holding different
     parameters. Returns a float32 scalar tensor without synchronizing with the host.
     """
+    return _norm_of_groups(_grouped_grads(parameters), norm_type, extra_mesh)
+
+
+@torch.no_grad()
+def clip_grads_and_norm_(
+    parameters: Iterable[torch.Tensor],
+    max_norm: float | None,
+    extra_mesh: DeviceMesh | None = None,
+) -> torch.Tensor:
+    """:func:`total_grad_norm` (2-norm), then, with ``max_norm``, the clipping of
+    :func:`clip_grads_by_total_norm_`; the gradients are gathered once for both."""
+    groups = _grouped_grads(parameters)
+    norm = _norm_of_groups(groups, 2.0, extra_mesh)
+    if max_norm is not None:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for (_, _, device), locals_ in groups.items():
+            torch._foreach_mul_(locals_, coef if coef.device == device else coef.to(device))
+    return norm
+
+
+def _norm_of_groups(
+    groups: dict[_GroupKey, list[torch.Tensor]],
+    norm_type: float = 2.0,
+    extra_mesh: DeviceMesh | None = None,
+) -> torch.Tensor:
+    """The total norm of gradients grouped by :func:`_grouped_grads`."""
     norm_type = float(norm_type)
     if norm_type not in (2.0, math.inf):
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
-    groups = _grouped_grads(parameters)
     inf = norm_type == math.inf
     reduce_across = extra_mesh is not None and extra_mesh.size() > 1
     op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM

@@ -337,15 +337,16 @@ class BaseTrainer(GradientStepping, ForwardBackward, Validation):
         batches = self.step_clock.timed(batches, self.tokens_in_batch)
         batches = self.progress.each(batches, Phase.DATA)
         self._loader_skip = 0
-        callbacks = self.callbacks
-        context_batches = self._context_batches
+        # Fixed for the epoch; read once, not per micro-batch.
+        callbacks, context_batches = self.callbacks, self._context_batches
+        device, dp_size = self.device, self.world.dp_size
         ran = 0
         for batch_idx, batch in batches:
             ran += 1
             self._micro_batch_index = batch_idx % accum
-            batch = move_to_device(batch, self.device)
+            batch = move_to_device(batch, device)
             self._epoch_batches += 1
-            self._epoch_samples += infer_batch_size(batch) * self.world.dp_size
+            self._epoch_samples += infer_batch_size(batch) * dp_size
             self.progress.mark(Phase.FORWARD_BACKWARD, self.global_step)
             if context_batches.layout is None:  # no context manager per micro-batch
                 callbacks.pre_train_step(batch, batch_idx)

@@ -14,11 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from dream_trainer.parallel.grad_norm import (
-    clip_grads_by_total_norm_,
-    scale_grads_,
-    total_grad_norm,
-)
+from dream_trainer.parallel.grad_norm import clip_grads_and_norm_, scale_grads_
 
 if TYPE_CHECKING:
     from dream_trainer.configs import TrainerConfig
@@ -207,10 +203,8 @@ class GradientStepping:
         if self._token_mode:
             self._normalize_by_tokens(params)
         pp_mesh = self.world.get_mesh("pp") if self.world.pp_enabled else None
-        norm = total_grad_norm(params, extra_mesh=pp_mesh)
+        norm = clip_grads_and_norm_(params, training.gradient_clip_val, extra_mesh=pp_mesh)
         self.last_grad_norm = norm
-        if training.gradient_clip_val is not None:
-            clip_grads_by_total_norm_(params, training.gradient_clip_val, norm)
         stepped = True
         if training.on_non_finite_grad == "error" and self._defer_non_finite_check:
             # No host sync per step on an accelerator: checked in bulk by check_gradient_norms.
