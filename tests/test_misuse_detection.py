@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +15,7 @@ from dream_trainer.configs import DeviceParameters
 from dream_trainer.trainer.checks import check_one_device_per_model
 from dream_trainer.world import DistributedWorld, distributed_world, launch_checks
 from dream_trainer.world.environment import LaunchEnvironment, visible_accelerators
+from tests.test_warnings_and_conventions import recorded_warnings
 from tests.trainer_fixtures import MLP, MLPTrainer, mlp_config
 
 # Missing MASTER_ADDR / MASTER_PORT
@@ -60,19 +60,8 @@ def test_visible_accelerators_on_this_machine():
 
 @pytest.fixture
 def warnings_logged() -> Iterator[list[str]]:
-    messages: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                messages.append(record.getMessage())
-
-    handler = Keep()
-    logging.getLogger("dream_trainer").addHandler(handler)
-    try:
+    with recorded_warnings() as messages:
         yield messages
-    finally:
-        logging.getLogger("dream_trainer").removeHandler(handler)
 
 
 def _launch_one_process(device: str | None) -> None:

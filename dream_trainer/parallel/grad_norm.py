@@ -77,9 +77,9 @@ def clip_grads_and_norm_(
     groups = _grouped_grads(parameters)
     norm = _norm_of_groups(groups, 2.0, extra_mesh)
     if max_norm is not None:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        coef = _clip_coefficient(max_norm, norm)
         for (_, _, device), locals_ in groups.items():
-            torch._foreach_mul_(locals_, coef if coef.device == device else coef.to(device))
+            _multiply_(locals_, device, coef)
     return norm
 
 
@@ -121,8 +121,11 @@ def clip_grads_by_total_norm_(
     parameters: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor
 ) -> None:
     """Scale gradients in place so their total norm is at most ``max_norm`` (no host sync)."""
-    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    scale_grads_(parameters, coef)
+    scale_grads_(parameters, _clip_coefficient(max_norm, total_norm))
+
+
+def _clip_coefficient(max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
+    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
 
 
 @torch.no_grad()
@@ -140,7 +143,13 @@ def scale_grads_(parameters: Iterable[torch.Tensor], factor: torch.Tensor | floa
         else:
             group.append(local)
     for device, locals_ in by_device.items():
-        if isinstance(factor, torch.Tensor) and factor.device != device:
-            torch._foreach_mul_(locals_, factor.to(device))
-        else:
-            torch._foreach_mul_(locals_, factor)
+        _multiply_(locals_, device, factor)
+
+
+def _multiply_(
+    tensors: list[torch.Tensor], device: torch.device, factor: torch.Tensor | float
+) -> None:
+    """``tensors`` (all on ``device``) times ``factor``, moved there first if it is a tensor."""
+    if isinstance(factor, torch.Tensor) and factor.device != device:
+        factor = factor.to(device)
+    torch._foreach_mul_(tensors, factor)

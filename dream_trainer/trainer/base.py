@@ -348,13 +348,9 @@ class BaseTrainer(GradientStepping, ForwardBackward, Validation):
             self._epoch_batches += 1
             self._epoch_samples += infer_batch_size(batch) * dp_size
             self.progress.mark(Phase.FORWARD_BACKWARD, self.global_step)
-            if context_batches.layout is None:  # no context manager per micro-batch
+            with context_batches.batch(batch, "training") as batch:
                 callbacks.pre_train_step(batch, batch_idx)
                 result = self.training_step(batch, batch_idx)
-            else:
-                with context_batches.batch(batch, "training") as batch:
-                    callbacks.pre_train_step(batch, batch_idx)
-                    result = self.training_step(batch, batch_idx)
             if not isinstance(result, dict):
                 raise TypeError(
                     f"training_step must return a dict of scalar metrics, got {type(result).__name__}"
@@ -390,13 +386,8 @@ class BaseTrainer(GradientStepping, ForwardBackward, Validation):
         """Runs after each optimizer step's logging and validation (checkpointing hooks in here)."""
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        progress = self.progress
-        before = progress.position.phase
-        progress.mark(Phase.OPTIMIZER)
-        try:
+        with self.progress.during(Phase.OPTIMIZER):
             return super().step(optimizer)
-        finally:
-            progress.mark(before)
 
     step.__doc__ = GradientStepping.step.__doc__
 

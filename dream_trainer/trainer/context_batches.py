@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from dream_trainer.parallel.context import ContextLayout, activated, shard_batch
@@ -35,13 +35,14 @@ class ContextParallelBatches:
             # Sequence-parallel regions split each rank's share over the TP ranks again.
             self.tp_multiple = world.tp_size
 
-    @contextmanager
-    def batch(self, batch: Any, what: str) -> Iterator[Any]:
+    def batch(self, batch: Any, what: str) -> AbstractContextManager[Any]:
         """This rank's share of ``batch``, with the layout active while the step runs."""
-        layout = self.layout
-        if layout is None:
-            yield batch
-            return
+        if self.layout is None:
+            return nullcontext(batch)  # entered per micro-batch: no generator-based context
+        return self._sharded(batch, self.layout, what)
+
+    @contextmanager
+    def _sharded(self, batch: Any, layout: ContextLayout, what: str) -> Iterator[Any]:
         local = shard_batch(batch, layout, multiple=self.tp_multiple)
         layout.attention_calls = 0
         with activated(layout):

@@ -15,6 +15,11 @@ from torch.distributed.tensor import DTensor
 def as_scalar_tensor(name: str, value: Any, device: torch.device) -> torch.Tensor:
     """A float32 scalar on ``device`` from a 0-d (or 1-element) tensor or a number."""
     _check_metric(name, value)
+    return _to_scalar(value, device)
+
+
+def _to_scalar(value: Any, device: torch.device) -> torch.Tensor:
+    """:func:`as_scalar_tensor` for a value :func:`_check_metric` accepted."""
     if isinstance(value, DTensor):
         # A loss under loss parallel is a replicated DTensor: the full value is already local.
         value = value.full_tensor()
@@ -60,9 +65,9 @@ class StepResults:
         """Each name's sum over the micro-batches that returned it."""
         out: dict[str, torch.Tensor] = {}
         for name, values in self._values.items():
-            total = as_scalar_tensor(name, values[0], device)
+            total = _to_scalar(values[0], device)  # checked by add()
             for value in values[1:]:
-                total = total + as_scalar_tensor(name, value, device)
+                total = total + _to_scalar(value, device)
             out[name] = total
         return out
 

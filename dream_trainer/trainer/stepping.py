@@ -119,10 +119,7 @@ class GradientStepping:
             for switch in self._sync_switches:
                 switch(sync)
             self._grad_sync_enabled = sync
-        if self._loss_parallel_active():
-            with self.loss_parallel():
-                scaled.backward()
-        else:
+        with self.loss_parallel():
             scaled.backward()
 
     def _note_tokens(self, num_tokens: Any) -> None:
@@ -144,12 +141,9 @@ class GradientStepping:
         Active only when tensor parallelism and ``loss_parallel`` are both on; a no-op otherwise.
         Re-entrant (torch's own context is not), and :meth:`backward` enters it by itself.
         """
-        if not self._loss_parallel_active():
+        if not self.world.loss_parallel_enabled or self._loss_parallel_depth:
             return _NO_CONTEXT  # entered per micro-batch: no generator-based context here
         return self._entered_loss_parallel()
-
-    def _loss_parallel_active(self) -> bool:
-        return self.world.loss_parallel_enabled and not self._loss_parallel_depth
 
     @contextmanager
     def _entered_loss_parallel(self) -> Iterator[None]:

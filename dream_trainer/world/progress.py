@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import NamedTuple, TypeVar
 
 __all__ = ["Phase", "Position", "Progress"]
@@ -81,15 +80,9 @@ class Progress:
         """Whether ``phase`` was entered and left at least once (its first run may be slow)."""
         return phase in self._finished
 
-    @contextmanager
-    def during(self, phase: str) -> Iterator[None]:
+    def during(self, phase: str) -> _During:
         """Mark ``phase`` for the body, then the phase that was current before it."""
-        before = self._position.phase
-        self.mark(phase)
-        try:
-            yield
-        finally:
-            self.mark(before)
+        return _During(self, phase)
 
     def each(self, items: Iterable[T], phase: str) -> Iterator[T]:
         """Yield ``items``, marking ``phase`` before fetching each one (and before the end)."""
@@ -101,3 +94,20 @@ class Progress:
             except StopIteration:
                 return
             yield item
+
+
+class _During:
+    """:meth:`Progress.during`'s context: a plain class (the optimizer step enters one per step,
+    and a generator-based context costs several times more)."""
+
+    __slots__ = ("_before", "_phase", "_progress")
+
+    def __init__(self, progress: Progress, phase: str) -> None:
+        self._progress, self._phase, self._before = progress, phase, ""
+
+    def __enter__(self) -> None:
+        self._before = self._progress.position.phase
+        self._progress.mark(self._phase)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._progress.mark(self._before)
